@@ -86,8 +86,7 @@ def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
            else np.arange(n))
   num_batches = n // batch_size if drop_remainder else -(-n // batch_size)
   for b in range(start_batch, num_batches):
-    idx = np.sort(order[b * batch_size:(b + 1) * batch_size]) if seed is None else \
-        order[b * batch_size:(b + 1) * batch_size]
+    idx = order[b * batch_size:(b + 1) * batch_size]
     images = dataset.images[idx]
     if augment:
       images = _crop_and_flip(images, np.random.default_rng([seed or 0, epoch, b, 1]))
