@@ -1,0 +1,141 @@
+"""The `oodjax` command line.
+
+  oodjax train    --config configs/NAME.py[:ARG] --workdir DIR [--set key=value ...]
+  oodjax evaluate --config ... --workdir DIR   (scores a trained checkpoint in DIR)
+  oodjax run      --config ... --workdir DIR   (train, resuming if interrupted, then evaluate)
+  oodjax data list [--data-dir DIR]
+  oodjax data prepare NAME [--data-dir DIR] [--manual-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+
+def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", required=True,
+                      help="config file, optionally with an argument: configs/NAME.py[:ARG]")
+  parser.add_argument("--workdir", required=True,
+                      help="folder for checkpoints, metrics.jsonl and results")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config entry, e.g. train.num_epochs=2")
+  parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _load_experiment(args):
+  """Config, model and datasets of an experiment, all validated before any computation."""
+  from oodjax import data, models
+  from oodjax.config import load_config
+
+  config = load_config(args.config, args.overrides)
+  train_ds = data.load(config.dataset, "train", seed=config.seed)
+  test_ds = data.load(config.dataset, "test", seed=config.seed)
+  if config.get("train_size"):
+    train_ds = train_ds.take(slice(0, config.train_size))
+  data.validate(train_ds, require_labels=True)
+  data.validate(test_ds, require_labels=True)
+  model = models.get_model(config.model, num_classes=train_ds.num_classes)
+  return config, model, train_ds, test_ds
+
+
+def _train(args, config, model, train_ds, test_ds):
+  from oodjax.train.classifier import train_classifier
+  return train_classifier(config, args.workdir, model=model, train_ds=train_ds,
+                          eval_ds=test_ds, progress=not args.no_progress)
+
+
+def _evaluate(args, config, model, state, test_ds) -> dict:
+  from oodjax import data, detectors, evaluate
+
+  ood_sets = {}
+  for name in config.eval.ood_sets:
+    ds = data.load(name, "test", seed=config.eval.ood_seed, size=len(test_ds))
+    data.check_compatible(test_ds, ds)
+    ood_sets[name] = ds
+  unknown = [d for d in config.eval.detectors if d not in detectors.DETECTORS]
+  if unknown:
+    raise ValueError(f"unknown detectors {unknown}; known: {sorted(detectors.DETECTORS)}")
+  chosen = {name: detectors.DETECTORS[name] for name in config.eval.detectors}
+  apply_fn = functools.partial(model.apply, train=False)
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  start = time.time()
+  results = evaluate.evaluate_ood(apply_fn, variables, test_ds, ood_sets, chosen,
+                                  config.eval.batch_size)
+  results["config"] = args.config
+  results["seconds"] = round(time.time() - start, 1)
+  report = evaluate.write_results(
+      results, args.workdir, title=f"{config.model} on {config.dataset}")
+  print(report)
+  print(f"wrote {pathlib.Path(args.workdir) / 'results.json'} and results.md")
+  return results
+
+
+def _cmd_train(args):
+  config, model, train_ds, test_ds = _load_experiment(args)
+  _train(args, config, model, train_ds, test_ds)
+
+
+def _cmd_run(args):
+  config, model, train_ds, test_ds = _load_experiment(args)
+  state, _ = _train(args, config, model, train_ds, test_ds)
+  _evaluate(args, config, model, state, test_ds)
+
+
+def _cmd_evaluate(args):
+  from oodjax.train.classifier import restore_trained
+  config, model, train_ds, test_ds = _load_experiment(args)
+  state = restore_trained(config, args.workdir, model=model, train_ds=train_ds)
+  _evaluate(args, config, model, state, test_ds)
+
+
+def _cmd_data_list(args):
+  from oodjax import data
+  print(data.describe(data_dir=args.data_dir))
+
+
+def _cmd_data_prepare(args):
+  from oodjax.data import prepare
+  prepare.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="oodjax", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, fn, help_ in (("train", _cmd_train, "train a classifier (resumes automatically)"),
+                          ("evaluate", _cmd_evaluate, "score a trained model against OOD sets"),
+                          ("run", _cmd_run, "train, then evaluate: the main job")):
+    p = sub.add_parser(name, help=help_)
+    _add_experiment_args(p)
+    p.set_defaults(fn=fn)
+  data_parser = sub.add_parser("data", help="list or prepare datasets")
+  data_sub = data_parser.add_subparsers(dest="data_command", required=True)
+  p = data_sub.add_parser("list", help="embedded and prepared datasets")
+  p.add_argument("--data-dir", default=None, help="TFDS data folder (default: TFDS's)")
+  p.set_defaults(fn=_cmd_data_list)
+  p = data_sub.add_parser("prepare", help="prepare a TFDS dataset as array_record "
+                          "(needs the `prepare` extra: pip install 'oodjax[prepare]')")
+  p.add_argument("name", help="TFDS name, e.g. cifar10")
+  p.add_argument("--data-dir", default=None, help="TFDS data folder (default: TFDS's)")
+  p.add_argument("--manual-dir", default=None,
+                 help="folder holding the original archives, so nothing is downloaded")
+  p.set_defaults(fn=_cmd_data_prepare)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    print(f"oodjax: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
