@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Reproduces experiments/baseline: the main job (small CNN, embedded Fashion-MNIST, MSP against
+# every embedded OOD set), then copies its result files here and regenerates the README tables.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workdir=${WORKDIR:-runs/experiments_baseline}
+WORKDIR=$workdir bash scripts/main.sh --no-progress
+cp "$workdir/results.json" "$workdir/results.md" "$workdir/metrics.jsonl" experiments/baseline/
+.venv/bin/python experiments/make_readme.py
