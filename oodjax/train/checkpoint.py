@@ -1,0 +1,178 @@
+"""Checkpoints: the one module of oodjax that imports Orbax.
+
+Layout of `directory` (the CheckpointManager's root, e.g. `workdir/checkpoints`):
+
+    <step>/state/     the TrainState pytree (Orbax StandardSave: OCDBT + zarr array files)
+    <step>/rng/       the run-wide PRNG key: {"key_data": uint32 array} (StandardSave) and its
+                      implementation name in meta["rng_impl"]
+    <step>/meta/      metadata.json: {"step", "epoch", "batch_in_epoch", "config_hash", ...}
+    <step>/metrics/   {"eval_accuracy": ...} when an eval set exists (ranks the best step)
+    <step>/_CHECKPOINT_METADATA   Orbax's own per-step record
+    <step>.corrupt/   a step that failed to restore, moved aside (see `restore_latest`)
+
+Every Orbax option lives in `make_checkpoint_manager`, so the policy is read in one place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+BEST_METRIC = "eval_accuracy"
+
+logger = logging.getLogger(__name__)
+
+
+def make_checkpoint_manager(directory: str | os.PathLike, *, every_steps: int, keep: int,
+                            async_save: bool = True) -> ocp.CheckpointManager:
+  """The CheckpointManager with every option oodjax uses.
+
+  Args:
+    directory: root of the checkpoints; created if missing.
+    every_steps: the save interval the manager reports through `should_save`. The training
+      loop also saves the final step regardless (`save_checkpoint(..., force=True)`).
+    keep: how many of the most recent checkpoints survive; the best one by `eval_accuracy`
+      (when saved with metrics) survives too, even when older.
+    async_save: write in a background thread. The device-to-host copy still happens before
+      `save` returns (Orbax's default synchronous transfer), so the training step may donate
+      the state's buffers right after.
+
+  Returns:
+    An open manager; call `close_checkpoint_manager` before the process exits.
+  """
+  preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      # Steps saved without metrics (no eval set) are left to LatestN.
+      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=False, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+      preservation_policy=preservation,
+      # best_fn only switches on metric tracking (metrics are written, best_step() works);
+      # deletion is decided by `preservation` alone.
+      best_fn=_best_metric,
+      best_mode="max",
+      keep_checkpoints_without_metrics=True,
+      enable_async_checkpointing=async_save,
+      # Leftovers of a save that was killed half-way are never a valid step; remove them.
+      cleanup_tmp_directories=True,
+      create=True,
+  )
+  return ocp.CheckpointManager(os.fspath(directory), options=options,
+                               item_names=("state", "rng", "meta"))
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+  return float(metrics[BEST_METRIC])
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: PyTree, rng: jax.Array,
+                    meta: dict[str, Any], *, metrics: dict[str, float] | None = None,
+                    force: bool = True) -> bool:
+  """Starts saving a checkpoint (returns before an async write has finished).
+
+  Args:
+    manager: from `make_checkpoint_manager`.
+    step: the step number naming the checkpoint (normally `state.step`).
+    state: the TrainState (sharded arrays are fine: each device writes its shard).
+    rng: the run-wide PRNG key (a typed key, `jax.random.key`).
+    meta: small JSON-serialisable dict (step, epoch, config hash, ...).
+    metrics: e.g. {"eval_accuracy": 0.93}; ranks checkpoints for "keep the best".
+    force: save even where the manager's interval policy would not (the final step).
+
+  Returns:
+    Whether a save was started.
+  """
+  # The key is stored as its raw uint32 data: Orbax's JaxRandomKeySave works too but logs an
+  # OCDBT warning on every save.
+  meta = dict(meta, rng_impl=str(jax.random.key_impl(rng)))
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                            rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+                            meta=ocp.args.JsonSave(meta))
+  return manager.save(step, args=args, metrics=metrics, force=force)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state: PyTree
+                       ) -> tuple[PyTree, jax.Array, dict[str, Any]]:
+  """Restores one step into `abstract_state`.
+
+  Args:
+    manager: from `make_checkpoint_manager`.
+    step: which step.
+    abstract_state: `jax.eval_shape` of the state with `jax.ShapeDtypeStruct` leaves that
+      carry a `sharding`; every array is read straight into that sharding.
+
+  Returns:
+    (state, rng, meta).
+  """
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      rng=ocp.args.StandardRestore(),
+      meta=ocp.args.JsonRestore()))
+  meta = dict(restored["meta"])
+  rng = jax.random.wrap_key_data(jax.numpy.asarray(restored["rng"]["key_data"]),
+                                 impl=meta.pop("rng_impl"))
+  return restored["state"], rng, meta
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree
+                   ) -> tuple[PyTree, jax.Array, dict[str, Any]] | None:
+  """Restores the newest checkpoint that can be read, or returns None if there is none.
+
+  A step that fails to restore (a file truncated or deleted, e.g. by a disk filling up or a
+  copy interrupted outside Orbax) is logged as a warning naming the step, moved aside to
+  `<step>.corrupt`, and the next older step is tried. Moving it aside (rather than deleting)
+  keeps it for inspection and lets the resumed run save that step number again.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_checkpoint(manager, step, abstract_state)
+    except Exception as error:  # Orbax raises many types for unreadable files.
+      # Tensorstore errors embed a kilobyte of JSON spec; the head names the file.
+      logger.warning("checkpoint step %d in %s is unreadable (%s: %.300s); falling back to "
+                     "the previous checkpoint", step, manager.directory, type(error).__name__,
+                     str(error))
+      _move_aside(manager, step)
+  return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  step_dir = manager.directory / str(step)
+  target = manager.directory / f"{step}.corrupt"
+  suffix = 0
+  while target.exists():
+    suffix += 1
+    target = manager.directory / f"{step}.corrupt{suffix}"
+  if jax.process_index() == 0:
+    step_dir.rename(target)
+  manager.reload()
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+  """The newest saved step (without checking that it is readable)."""
+  return manager.latest_step()
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+  """The step with the highest eval accuracy among those kept (the latest if none has one)."""
+  return manager.best_step()
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Blocks until every started save is fully written (and old steps are pruned)."""
+  manager.wait_until_finished()
+
+
+def close_checkpoint_manager(manager: ocp.CheckpointManager) -> None:
+  """Waits for pending asynchronous saves to be fully written, then releases the manager.
+
+  Without this a process that exits right after its last `save_checkpoint` could lose that
+  checkpoint (it would be left as a temporary directory).
+  """
+  manager.wait_until_finished()
+  manager.close()

@@ -1,0 +1,313 @@
+"""Supervised training of a classifier: config in, trained state out, resumable.
+
+Config keys read (an `ml_collections.ConfigDict`; start from `default_train_config()`):
+
+  config.seed                    int: parameter init, dropout keys and the data order.
+  config.train.num_epochs        int >= 1.
+  config.train.batch_size        int: global batch B, a multiple of the mesh's data axis.
+  config.train.augment           bool: random crop + flip (CIFAR-style images only).
+  config.train.optimizer         "sgd" | "adam" | "adamw".
+  config.train.learning_rate     float: the peak / initial learning rate.
+  config.train.momentum          float (sgd).
+  config.train.nesterov          bool (sgd).
+  config.train.weight_decay      float: L2 coefficient (decoupled for adamw).
+  config.train.schedule          "step" | "cosine" | "constant".
+  config.train.lr_drop_at        fractions of training where a "step" schedule drops.
+  config.train.lr_drop_factor    float multiplier at each drop, e.g. 0.1.
+  config.train.log_every_steps   int >= 1: a metrics line (and progress-bar update) every N.
+  config.mesh.shape              e.g. (-1,) (all devices on "data") or (-1, 2).
+  config.mesh.axes               e.g. ("data",) or ("data", "model").
+  config.checkpoint.every_steps  int >= 1: checkpoint (and evaluate) every N steps.
+  config.checkpoint.keep         int >= 1: most recent checkpoints kept (plus the best one).
+  config.checkpoint.async_save   bool: write checkpoints in a background thread.
+
+Files written under `workdir`:
+
+  checkpoints/    see `oodjax.train.checkpoint` for the layout.
+  metrics.jsonl   one JSON object per line: {"kind": "train", "step", "epoch", "loss",
+                  "accuracy", "grad_norm", "learning_rate", "images_per_s"} every
+                  log_every_steps, and {"kind": "eval", "step", "epoch", "eval_accuracy",
+                  "eval_loss", "eval_count"} at every checkpoint. Train values are means over
+                  the steps since the previous line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from oodjax.data.core import ImageDataset, batches
+from oodjax.train import checkpoint as ckpt
+from oodjax.train import sharding as shd
+from oodjax.train.schedules import make_optimizer
+from oodjax.train.state import TrainState, create_train_state
+from oodjax.train.step import make_classification_loss, make_eval_step, make_train_step
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = {
+    "train": ("num_epochs", "batch_size", "augment", "optimizer", "learning_rate", "momentum",
+              "nesterov", "weight_decay", "schedule", "lr_drop_at", "lr_drop_factor",
+              "log_every_steps"),
+    "mesh": ("shape", "axes"),
+    "checkpoint": ("every_steps", "keep", "async_save"),
+}
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """`seed`, `train`, `mesh` and `checkpoint` with defaults; experiment configs extend it.
+
+  The defaults are the ODIN / DenseNet recipe's optimizer (SGD, Nesterov 0.9, lr 0.1 dropped
+  x10 at 50% and 75%) at a size that runs on a CPU; an experiment sets epochs and batch size.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.train = ml_collections.ConfigDict(dict(
+      num_epochs=10, batch_size=128, augment=False, optimizer="sgd", learning_rate=0.1,
+      momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="step", lr_drop_at=(0.5, 0.75),
+      lr_drop_factor=0.1, log_every_steps=50))
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",)))
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
+  return config
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short digest of the whole config, stored with each checkpoint."""
+  text = json.dumps(json.loads(config.to_json()), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | None,
+              mesh) -> None:
+  """Raises ValueError on anything that would fail (or silently go wrong) later."""
+  missing = [f"{group}.{key}" for group, keys in _REQUIRED_KEYS.items()
+             for key in keys if group not in config or key not in config[group]]
+  if "seed" not in config:
+    missing.append("seed")
+  if missing:
+    raise ValueError(f"config lacks {missing}; start from default_train_config()")
+  tc = config.train
+  for name, value in [("train.num_epochs", tc.num_epochs), ("train.batch_size", tc.batch_size),
+                      ("train.log_every_steps", tc.log_every_steps),
+                      ("checkpoint.every_steps", config.checkpoint.every_steps),
+                      ("checkpoint.keep", config.checkpoint.keep)]:
+    if int(value) < 1:
+      raise ValueError(f"config.{name} must be >= 1, got {value}")
+  if tc.batch_size > len(train_ds):
+    raise ValueError(f"batch size {tc.batch_size} exceeds the {len(train_ds)} training "
+                     f"examples of {train_ds.name!r}")
+  shards = shd.data_axis_size(mesh)
+  if tc.batch_size % shards:
+    raise ValueError(f"batch size {tc.batch_size} is not divisible by the {shards} devices of "
+                     f"the data axis of mesh {dict(mesh.shape)}")
+  num_classes = train_ds.num_classes
+  if num_classes < 2:
+    raise ValueError(f"{train_ds.name!r} has {num_classes} classes; a classifier needs >= 2")
+  for ds in [train_ds] + ([eval_ds] if eval_ds is not None else []):
+    if ds.images.ndim != 4 or ds.images.dtype != np.uint8:
+      raise ValueError(f"{ds.name!r}: images must be [N, H, W, C] uint8, got "
+                       f"{ds.images.shape} {ds.images.dtype}")
+    if ds.labels.shape != (len(ds),):
+      raise ValueError(f"{ds.name!r}: labels {ds.labels.shape} do not match {len(ds)} images")
+    if len(ds) and (ds.labels.min() < 0 or ds.labels.max() >= num_classes):
+      raise ValueError(f"{ds.name!r}: labels span [{ds.labels.min()}, {ds.labels.max()}], "
+                       f"outside [0, {num_classes}) of the training classes")
+  if eval_ds is not None:
+    if eval_ds.image_shape != train_ds.image_shape:
+      raise ValueError(f"eval images {eval_ds.image_shape} differ from training images "
+                       f"{train_ds.image_shape}")
+    if len(eval_ds) == 0:
+      raise ValueError(f"eval set {eval_ds.name!r} is empty")
+  # Tracing only: catches a model whose head has the wrong number of classes.
+  sample = jax.ShapeDtypeStruct((1, *train_ds.image_shape), jnp.float32)
+  logits = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], sample)
+  if logits.shape != (1, num_classes):
+    raise ValueError(f"the model maps one image to logits {logits.shape}, expected "
+                     f"(1, {num_classes}) for the classes of {train_ds.name!r}")
+
+
+def _pad_eval_set(eval_ds: ImageDataset, batch_size: int) -> ImageDataset:
+  """The eval set padded with label -1 to whole batches.
+
+  Every batch then has the same, shardable shape (one compilation), and `make_eval_step`
+  ignores the padding.
+  """
+  padded = eval_ds.take(shd.pad_to_batches(len(eval_ds), batch_size))
+  labels = padded.labels.astype(np.int32)  # a copy: the caller's labels stay untouched
+  labels[len(eval_ds):] = -1
+  return dataclasses.replace(padded, labels=labels)
+
+
+def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
+              batch_sharding) -> dict[str, float]:
+  """Accuracy and mean loss over a set padded by `_pad_eval_set`."""
+  totals = None
+  for batch in batches(padded_eval_ds, batch_size, sharding=batch_sharding):
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals["count"])
+  return {"eval_accuracy": float(totals["correct"]) / count,
+          "eval_loss": float(totals["loss_sum"]) / count, "eval_count": count}
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops metric lines logged after `last_step` by a run that was killed before saving them
+  in a checkpoint: the resumed run logs those steps again."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _append_metrics(file, record: dict[str, Any]) -> None:
+  file.write(json.dumps(record) + "\n")
+  file.flush()
+
+
+def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                     model: nn.Module, train_ds: ImageDataset,
+                     eval_ds: ImageDataset | None = None, progress: bool | None = None
+                     ) -> tuple[TrainState, dict[str, Any]]:
+  """Trains `model` on `train_ds` with softmax cross-entropy, resuming if it can.
+
+  Running the same call again after an interruption resumes from the newest readable
+  checkpoint in `workdir/checkpoints`; the data order depends only on (seed, epoch) and the
+  step's dropout key only on (seed, step), so the resumed run ends with the same parameters
+  as an uninterrupted one. If the run had already finished, the final state is restored and
+  returned without training.
+
+  Args:
+    config: see the module docstring for the keys read.
+    workdir: directory for checkpoints and metrics.jsonl (created if missing).
+    model: a Linen classifier, `model.apply(variables, x, train=...) -> [B, K]` logits with
+      K = train_ds.num_classes.
+    train_ds: the training set; full batches only (the last partial batch of an epoch is
+      dropped, reshuffled into the next epoch).
+    eval_ds: evaluated at every checkpoint and at the end; optional.
+    progress: show a tqdm progress bar; None shows it when stderr is a terminal.
+
+  Returns:
+    (state, summary) with state the final TrainState (replicated over the mesh) and summary
+    {"step", "total_steps", "steps_per_epoch", "resumed_from" (step or None),
+    "already_finished", "eval" (last eval dict or None), "best_step", "train_seconds"}.
+  """
+  workdir = os.fspath(workdir)
+  mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
+  _validate(config, model, train_ds, eval_ds, mesh)
+  tc = config.train
+  batch_size = int(tc.batch_size)
+  steps_per_epoch = len(train_ds) // batch_size
+  total_steps = int(tc.num_epochs) * steps_per_epoch
+  tx, schedule = make_optimizer(tc, total_steps)
+
+  init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
+  sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
+  init_fn = lambda rng: create_train_state(model, tx, rng, sample)  # noqa: E731
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_shardings = shd.state_sharding(abstract_state, mesh)
+  data_sharding = shd.batch_sharding(mesh)
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = ckpt.make_checkpoint_manager(
+      os.path.join(workdir, "checkpoints"), every_steps=int(config.checkpoint.every_steps),
+      keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save))
+  digest = config_hash(config)
+  try:
+    restored = ckpt.restore_latest(manager,
+                                   shd.with_shardings(abstract_state, state_shardings))
+    if restored is None:
+      state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
+      resumed_from, last_eval = None, None
+    else:
+      state, train_rng, meta = restored
+      resumed_from, last_eval = int(meta["step"]), meta.get("eval")
+      if meta.get("config_hash") != digest:
+        logger.warning("resuming step %d of a run whose config differed (hash %s, now %s)",
+                       resumed_from, meta.get("config_hash"), digest)
+      logger.info("resuming from step %d in %s", resumed_from, workdir)
+    train_rng = jax.device_put(train_rng, shd.replicated(mesh))
+    start_step = int(jax.device_get(state.step))
+    summary = {"step": start_step, "total_steps": total_steps,
+               "steps_per_epoch": steps_per_epoch, "resumed_from": resumed_from,
+               "already_finished": start_step >= total_steps, "eval": last_eval,
+               "best_step": ckpt.best_step(manager), "train_seconds": 0.0}
+    if start_step >= total_steps:
+      return state, summary
+
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_metrics(metrics_path, start_step)
+    train_step = shd.jit_train_step(
+        make_train_step(make_classification_loss(model.apply), tx), mesh, state_shardings)
+    eval_step = shd.jit_eval_step(make_eval_step(model.apply), mesh, state_shardings)
+    padded_eval_ds = None if eval_ds is None else _pad_eval_set(eval_ds, batch_size)
+    show = sys.stderr.isatty() if progress is None else progress
+    start_time = time.perf_counter()
+    with open(metrics_path, "a") as metrics_file, \
+        tqdm.tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
+                  dynamic_ncols=True) as bar:
+      step = start_step
+      window, window_start, window_steps = None, time.perf_counter(), 0
+      for epoch in range(start_step // steps_per_epoch, int(tc.num_epochs)):
+        start_batch = step - epoch * steps_per_epoch
+        for batch in batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
+                             start_batch=start_batch, drop_remainder=True,
+                             augment=bool(tc.augment), sharding=data_sharding):
+          state, metrics = train_step(state, batch, train_rng)
+          step += 1
+          # Summed on device, fetched only at log time, so logging does not stall the step.
+          window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+          window_steps += 1
+          bar.update(1)
+          if step % int(tc.log_every_steps) == 0 or step == total_steps:
+            means = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+            elapsed = time.perf_counter() - window_start
+            record = {"kind": "train", "step": step, "epoch": epoch, **means,
+                      "learning_rate": float(schedule(step - 1)),
+                      "images_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
+            _append_metrics(metrics_file, record)
+            bar.set_postfix(loss=f"{means['loss']:.4f}",
+                            img_s=f"{record['images_per_s']:.0f}")
+            window, window_start, window_steps = None, time.perf_counter(), 0
+          if step % int(config.checkpoint.every_steps) == 0 or step == total_steps:
+            eval_metrics = None
+            if eval_ds is not None:
+              eval_metrics = _evaluate(eval_step, state, padded_eval_ds, batch_size,
+                                       data_sharding)
+              _append_metrics(metrics_file,
+                              {"kind": "eval", "step": step, "epoch": epoch, **eval_metrics})
+              last_eval = eval_metrics
+            meta = {"step": step, "epoch": epoch, "batch_in_epoch": step - epoch *
+                    steps_per_epoch, "config_hash": digest, "eval": eval_metrics}
+            ckpt.save_checkpoint(
+                manager, step, state, train_rng, meta,
+                metrics=({"eval_accuracy": eval_metrics["eval_accuracy"]}
+                         if eval_metrics else None))
+    ckpt.wait_until_finished(manager)
+    summary.update(step=step, eval=last_eval, already_finished=False,
+                   best_step=ckpt.best_step(manager),
+                   train_seconds=time.perf_counter() - start_time)
+  finally:
+    # Also on an exception: a save already started is completed rather than left half-written.
+    ckpt.close_checkpoint_manager(manager)
+  return state, summary
+
