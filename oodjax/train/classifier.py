@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -266,7 +265,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
         tqdm.tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
                   dynamic_ncols=True) as bar:
       step = start_step
-      window, window_start, window_steps = None, time.perf_counter(), 0
+      # images/s counts training only: time spent evaluating and saving is taken out.
+      window, window_start, window_steps, paused = None, time.perf_counter(), 0, 0.0
       for epoch in range(start_step // steps_per_epoch, int(tc.num_epochs)):
         start_batch = step - epoch * steps_per_epoch
         for batch in batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
@@ -280,15 +280,16 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
           bar.update(1)
           if step % int(tc.log_every_steps) == 0 or step == total_steps:
             means = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-            elapsed = time.perf_counter() - window_start
+            elapsed = time.perf_counter() - window_start - paused
             record = {"kind": "train", "step": step, "epoch": epoch, **means,
                       "learning_rate": float(schedule(step - 1)),
                       "images_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
             _append_metrics(metrics_file, record)
             bar.set_postfix(loss=f"{means['loss']:.4f}",
                             img_s=f"{record['images_per_s']:.0f}")
-            window, window_start, window_steps = None, time.perf_counter(), 0
+            window, window_start, window_steps, paused = None, time.perf_counter(), 0, 0.0
           if step % int(config.checkpoint.every_steps) == 0 or step == total_steps:
+            pause_start = time.perf_counter()
             eval_metrics = None
             if eval_ds is not None:
               eval_metrics = _evaluate(eval_step, state, padded_eval_ds, batch_size,
@@ -302,6 +303,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
                 manager, step, state, train_rng, meta,
                 metrics=({"eval_accuracy": eval_metrics["eval_accuracy"]}
                          if eval_metrics else None))
+            paused += time.perf_counter() - pause_start
     ckpt.wait_until_finished(manager)
     summary.update(step=step, eval=last_eval, already_finished=False,
                    best_step=ckpt.best_step(manager),
