@@ -87,9 +87,10 @@ def _cmd_run(args):
 
 
 def _cmd_evaluate(args):
-  from oodjax.train.classifier import restore_trained
+  from oodjax.train.classifier import train_classifier
   config, model, train_ds, test_ds = _load_experiment(args)
-  state = restore_trained(config, args.workdir, model=model, train_ds=train_ds)
+  state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
+                              restore_only=True)
   _evaluate(args, config, model, state, test_ds)
 
 

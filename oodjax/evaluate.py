@@ -60,8 +60,16 @@ def accuracy(apply_fn: Callable, variables: Any, dataset: ImageDataset,
 def ood_table(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray]
               ) -> dict[str, dict[str, float]]:
   """Metrics of one detector's ID scores against each OOD set's scores."""
-  return {name: {k: float(v) for k, v in metrics.all_metrics(
-      jnp.asarray(scores_in), jnp.asarray(s)).items()} for name, s in scores_out.items()}
+  metrics.check_scores(jnp.asarray(scores_in), "scores_in")
+  table = {}
+  for name, s in scores_out.items():
+    metrics.check_scores(jnp.asarray(s), f"scores of {name}")
+    # One compiled program per shape, instead of one per operation as an eager call compiles.
+    table[name] = {k: float(v) for k, v in _all_metrics_jit(scores_in, s).items()}
+  return table
+
+
+_all_metrics_jit = jax.jit(metrics.all_metrics)
 
 
 def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,

@@ -185,8 +185,8 @@ def _append_metrics(file, record: dict[str, Any]) -> None:
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                      model: nn.Module, train_ds: ImageDataset,
-                     eval_ds: ImageDataset | None = None, progress: bool | None = None
-                     ) -> tuple[TrainState, dict[str, Any]]:
+                     eval_ds: ImageDataset | None = None, progress: bool | None = None,
+                     restore_only: bool = False) -> tuple[TrainState, dict[str, Any]]:
   """Trains `model` on `train_ds` with softmax cross-entropy, resuming if it can.
 
   Running the same call again after an interruption resumes from the newest readable
@@ -204,6 +204,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       dropped, reshuffled into the next epoch).
     eval_ds: evaluated at every checkpoint and at the end; optional.
     progress: show a tqdm progress bar; None shows it when stderr is a terminal.
+    restore_only: only restore a finished run (for `oodjax evaluate`); a workdir without one
+      is a ValueError instead of the start of a training run.
 
   Returns:
     (state, summary) with state the final TrainState (replicated over the mesh) and summary
@@ -252,6 +254,10 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
                "best_step": ckpt.best_step(manager), "train_seconds": 0.0}
     if start_step >= total_steps:
       return state, summary
+    if restore_only:
+      raise ValueError(
+          f"{workdir} holds no finished training run (at step {start_step} of {total_steps});"
+          " run `oodjax train` or `oodjax run` with the same config first")
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     _truncate_metrics(metrics_path, start_step)
