@@ -17,9 +17,9 @@ experiments/baseline/results.json.
 """
 import ml_collections
 
-EMBEDDED_OOD = ("embedded/animal_mnist", "embedded/digits", "embedded/textures",
-                "embedded/gaussian_noise", "embedded/uniform_noise",
-                "embedded/fashion_mnist_noise")
+# From near to far (the order of oodjax.data.EMBEDDED_OOD).
+EMBEDDED_OOD = ("embedded/animal_mnist", "embedded/fashion_mnist_noise", "embedded/digits",
+                "embedded/textures", "embedded/uniform_noise", "embedded/gaussian_noise")
 
 
 def get_config(arg=None):

@@ -23,6 +23,8 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config entry, e.g. train.num_epochs=2")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  parser.add_argument("--data-dir", default=None,
+                      help="TFDS data folder for tfds/ datasets (default: TFDS's)")
 
 
 def _load_experiment(args):
@@ -31,8 +33,8 @@ def _load_experiment(args):
   from oodjax.config import load_config
 
   config = load_config(args.config, args.overrides)
-  train_ds = data.load(config.dataset, "train", seed=config.seed)
-  test_ds = data.load(config.dataset, "test", seed=config.seed)
+  train_ds = data.load(config.dataset, "train", seed=config.seed, data_dir=args.data_dir)
+  test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=args.data_dir)
   if config.get("train_size"):
     train_ds = train_ds.take(slice(0, config.train_size))
   data.validate(train_ds, require_labels=True)
@@ -52,7 +54,7 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
 
   ood_sets = {}
   for name in config.eval.ood_sets:
-    ds = data.load(name, "test", seed=config.eval.ood_seed, size=len(test_ds))
+    ds = data.load(name, "test", seed=config.eval.ood_seed, data_dir=args.data_dir)
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
   unknown = [d for d in config.eval.detectors if d not in detectors.DETECTORS]
@@ -95,8 +97,8 @@ def _cmd_evaluate(args):
 
 
 def _cmd_data_list(args):
-  from oodjax import data
-  print(data.describe(data_dir=args.data_dir))
+  from oodjax.data import prepare
+  print(prepare.describe(data_dir=args.data_dir))
 
 
 def _cmd_data_prepare(args):
