@@ -1,0 +1,63 @@
+"""The model zoo: CIFAR/MNIST-size classifiers and the functional access to their insides.
+
+Every model maps normalised NHWC float32 images to logits: `model.apply(variables, x,
+train=False)` -> [B, K]. Training mode needs `mutable=["batch_stats"]` for models with
+BatchNorm and `rngs={"dropout": key}` for AlexNet and a WRN with dropout. Variants are
+`functools.partial`s of the module classes; each family has a tiny variant for tests.
+
+    model = get_model("resnet18", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    logits, insides = forward_with_insides(model, variables, x)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+
+from oodjax.models.cnn import VGG, AlexNet, SmallCNN, VGGStage
+from oodjax.models.densenet import DenseLayer, DenseNet, DenseStage, Transition
+from oodjax.models.insides import (ALL_INSIDES, Insides, feature_map_gradient,
+                                   forward_with_insides, is_block_or_stage, is_stage,
+                                   is_top_level, normalise_with_running_stats)
+from oodjax.models.layers import ConvBlock, NormReLU
+from oodjax.models.resnet import (BasicBlock, BottleneckBlock, ResNet, ResNetStage,
+                                  WideBasicBlock, WideResNet)
+
+partial = functools.partial
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": SmallCNN,
+    "resnet18": partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
+    "resnet34": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
+    "resnet50": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock),
+    "wrn28_10": partial(WideResNet, depth=28, widen_factor=10),
+    "wrn40_4": partial(WideResNet, depth=40, widen_factor=4),
+    "densenet_bc100": partial(DenseNet, depth=100, growth_rate=12, compression=0.5),
+    "vgg16": VGG,
+    "alexnet": AlexNet,
+    # Tiny variants: same code paths (BN, projections, dropout), a few thousand parameters.
+    "small_cnn_tiny": partial(SmallCNN, widths=(4, 8), hidden=16),
+    "resnet_tiny": partial(ResNet, stage_sizes=(1, 1), block=BasicBlock, width=8),
+    "wrn_tiny": partial(WideResNet, depth=10, widen_factor=1),
+    "densenet_tiny": partial(DenseNet, depth=10, growth_rate=4),
+    "vgg_tiny": partial(VGG, stages=((8,), (16, 16))),
+    "alexnet_tiny": partial(AlexNet, widths=(8, 16, 16, 16, 16), hidden=32),
+}
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Returns the model `name` with K = `num_classes`; `kwargs` override its attributes."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+__all__ = [
+    "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ConvBlock",
+    "DenseLayer", "DenseNet", "DenseStage", "Insides", "NormReLU", "ResNet", "ResNetStage",
+    "SmallCNN", "Transition", "VGG", "VGGStage", "WideBasicBlock", "WideResNet",
+    "feature_map_gradient", "forward_with_insides", "get_model", "is_block_or_stage",
+    "is_stage", "is_top_level", "normalise_with_running_stats",
+]

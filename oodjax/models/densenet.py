@@ -1,0 +1,85 @@
+"""DenseNet-BC for CIFAR-size inputs (Huang et al. 2017, Sec. 3 "DenseNet-BC", Sec. 4.2).
+
+The paper's "dense block" is a `DenseStage` here (the stage naming used across the zoo), made of
+bottleneck `DenseLayer`s; `Transition`s between stages compress the channels and halve the
+resolution.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oodjax.models.layers import NormReLU, conv_init, global_avg_pool
+
+
+def _conv(features: int, kernel_size: int) -> nn.Conv:
+  return nn.Conv(features, (kernel_size, kernel_size), padding=kernel_size // 2,
+                 use_bias=False, kernel_init=conv_init)
+
+
+class DenseLayer(nn.Module):
+  """BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), its output concatenated to its input.
+
+  Attributes:
+    growth_rate: k, the channels this layer adds.
+  """
+  growth_rate: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, C + k]."""
+    y = _conv(4 * self.growth_rate, 1)(NormReLU()(x, train))
+    y = _conv(self.growth_rate, 3)(NormReLU()(y, train))
+    return jnp.concatenate([x, y], axis=-1)
+
+
+class DenseStage(nn.Module):
+  """A dense block: `num_layers` DenseLayers at one resolution, C -> C + num_layers * k."""
+  num_layers: int
+  growth_rate: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for _ in range(self.num_layers):
+      x = DenseLayer(self.growth_rate)(x, train)
+    return x
+
+
+class Transition(nn.Module):
+  """BN-ReLU-conv1x1 to `features` channels, then 2x2 average pooling."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = _conv(self.features, 1)(NormReLU()(x, train))
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+  """DenseNet-BC: conv3x3(2k), three dense stages with two transitions, BN-ReLU, pool, Dense.
+
+  Attributes:
+    num_classes: K.
+    depth: 6n + 4 for n bottleneck layers per stage (100 -> 16 layers per stage).
+    growth_rate: k.
+    compression: theta, the fraction of channels a transition keeps (rounded down).
+  """
+  num_classes: int
+  depth: int = 100
+  growth_rate: int = 12
+  compression: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """[B, H, W, C] -> logits [B, K]."""
+    if (self.depth - 4) % 6:
+      raise ValueError(f"DenseNet-BC depth must be 6n + 4, got {self.depth}")
+    num_layers = (self.depth - 4) // 6
+    x = _conv(2 * self.growth_rate, 3)(x)
+    for i in range(3):
+      x = DenseStage(num_layers, self.growth_rate)(x, train)
+      if i < 2:
+        x = Transition(int(x.shape[-1] * self.compression))(x, train)
+    x = NormReLU()(x, train)  # the feature map the head pools
+    return nn.Dense(self.num_classes)(global_avg_pool(x))  # [B, D] -> [B, K]

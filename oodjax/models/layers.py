@@ -1,0 +1,63 @@
+"""Building blocks shared by the model zoo.
+
+Naming convention, relied on by `oodjax.models.insides`: a module whose class name ends in
+"Block" is one repeated unit of a network (a residual block, a conv-BN-ReLU unit) and one whose
+name ends in "Stage" is a group of blocks working at one resolution. Pooling between stages
+belongs to the parent, so a block's or stage's output is never a pooled map: the last one before
+the head is the feature map Grad-CAM wants.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch's defaults (momentum 0.1 there is 0.9 here). Flax's own 0.99 makes the running
+# statistics lag far behind the weights in the few-epoch CPU runs we do.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+# He initialisation (fan-out, as in the ResNet paper): keeps activations of deep ReLU stacks
+# at unit scale; Flax's default LeCun init halves their variance at every layer.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvBlock(nn.Module):
+  """Conv (stride 1, SAME) -> optional BatchNorm -> ReLU.
+
+  Attributes:
+    features: output channels C.
+    kernel_size: square kernel side.
+    use_norm: whether to BatchNorm the convolution (the conv has no bias then).
+  """
+  features: int
+  kernel_size: int = 3
+  use_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """[B, H, W, C_in] -> [B, H, W, features]."""
+    k = self.kernel_size
+    x = nn.Conv(self.features, (k, k), padding="SAME", use_bias=not self.use_norm,
+                kernel_init=conv_init)(x)
+    if self.use_norm:
+      x = BatchNorm()(x, use_running_average=not train)
+    return nn.relu(x)
+
+
+class NormReLU(nn.Module):
+  """BatchNorm -> ReLU, the pre-activation of pre-activation networks (WRN, DenseNet).
+
+  A module of its own so that the final one of a network, whose output is the map the head
+  pools, is a module output that `forward_with_insides` sees.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    return nn.relu(BatchNorm()(x, use_running_average=not train))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, C]."""
+  return jnp.mean(x, axis=(1, 2))
