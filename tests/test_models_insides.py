@@ -157,6 +157,8 @@ def test_which_collects_only_what_is_asked():
   assert len(insides.bn_inputs) == 6
   with pytest.raises(ValueError, match="unknown insides"):
     forward_with_insides(model, variables, x, which=("logits",))
+  with pytest.raises(ValueError, match="perturb names no module"):
+    forward_with_insides(model, variables, x, which=(), perturb={"ResNetStage_7": 0.0})
 
 
 def test_head_errors_when_the_output_is_not_a_dense_output():

@@ -189,6 +189,7 @@ def forward_with_insides(
   records: list[tuple[str, Path, int]] = []
   counts: collections.Counter = collections.Counter()
   last_dense = []  # [(path, index, output)] of the latest nn.Dense call
+  perturbed = set()
 
   def save(module: nn.Module, tag: str, value: jax.Array) -> int:
     index = counts[module.path, tag]
@@ -204,10 +205,11 @@ def forward_with_insides(
     out = next_fun(*args, **kwargs)
     if path and _name(path) in perturb:
       out = out + perturb[_name(path)]
+      perturbed.add(_name(path))
     if "bn" in which and isinstance(module, nn.BatchNorm):
       z = _first_arg(args, kwargs, "x")
       save(module, "_bn_input", normalise_with_running_stats(module, z))
-    if isinstance(module, nn.Dense):
+    if "head" in which and isinstance(module, nn.Dense):
       index = save(module, "_dense_input", _first_arg(args, kwargs, "inputs"))
       last_dense[:] = [(path, index, out)]
     # The model itself (empty path) is neither a block nor the feature map.
@@ -222,6 +224,8 @@ def forward_with_insides(
   with nn.intercept_methods(interceptor):
     logits, state = model.apply(variables, x, mutable=[_COLLECTION], **call_kwargs)
   sown = state.get(_COLLECTION, {})
+  if set(perturb) - perturbed:
+    raise ValueError(f"perturb names no module called: {sorted(set(perturb) - perturbed)}")
 
   def fetch(tag: str, path: Path, index: int) -> jax.Array:
     node = sown
