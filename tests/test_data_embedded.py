@@ -67,8 +67,8 @@ def test_digits_match_sklearn_at_pixel_centres():
 
 
 def test_textures_are_pooled_crops():
-  import skimage.data
-  brick = skimage.data.brick().astype(np.float64)
+  skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is in the test extra")
+  brick = skimage_data.brick().astype(np.float64)
   ds = data.load("embedded/textures")
   first = brick[:56, :56].reshape(28, 2, 28, 2).mean(axis=(1, 3))
   np.testing.assert_array_equal(ds.images[0, ..., 0], np.rint(first))
@@ -79,6 +79,8 @@ def test_animal_mnist_matches_package():
   import gzip
   import importlib.util
   spec = importlib.util.find_spec("animal_mnist")
+  if spec is None:  # scripts/setup.sh installs it; its metadata pulls TensorFlow, hence --no-deps
+    pytest.skip("needs: pip install --no-deps animal-mnist==0.4")
   path = os.path.join(os.path.dirname(spec.origin), "data", "Animal_MNIST")
   with gzip.open(os.path.join(path, "animal_data_version_3.gz")) as f:
     raw = load_numpy_pickle(f)
