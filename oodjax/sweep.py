@@ -1,0 +1,223 @@
+"""Hyperparameter grids for the softmax detectors, each in one compiled program.
+
+`odin_grid` scores a dataset under every (T, ε) pair of ODIN's grid. The input gradient depends on
+T but not on ε, so it is computed once per temperature (T backward passes), then the T·E perturbed
+forward passes reuse it:
+
+    directions[t] = sign(∇_x loss(x; T_t)) / std         # T backward passes   [T, B, H, W, C]
+    scores[t, e]  = 1 − max softmax(f(x − ε_e · directions[t]) / T_t)            [T, E, B]
+
+How the T·E forwards (and the T backwards) are batched is the `forward_batch` knob:
+
+* an int n: `lax.map(..., batch_size=n)`, i.e. a loop over groups of n configs, each group a
+  `vmap`. On CPU this is the fast choice: one giant batch is slower than a loop of moderate ones
+  and its activations for T·E copies of the chunk nearly fill RAM.
+* None: one `vmap` over every config, the accelerator choice (the device is wide enough and the
+  loop overhead would dominate); memory grows with T·E · `chunk_size`.
+* "auto" (default): None on an accelerator, 16 on CPU, decided when called.
+
+Data is processed `chunk_size` images at a time: a Python loop over a jitted function whose last
+chunk is padded (with copies of the last image) to the same shape, so the program is traced and
+compiled once for a (model, chunk shape, T, E) and reused for every chunk and every later call with
+other T or ε VALUES. The jitted function takes `apply_fn` as a static argument, which is hashed
+by identity for a `functools.partial`: pass the same `apply_fn` object to reuse the compilation.
+
+`metrics_grid` turns [T, E, N] and [T, E, M] score grids into a [T, E] table per metric in one call.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oodjax import metrics
+from oodjax.detectors.softmax import ApplyFn, _max_softmax_score, check_std, odin_perturbation
+
+_DEFAULT_CPU_FORWARD_BATCH = 16
+
+
+def check_grid(values, name: str, *, positive: bool) -> jax.Array:
+  """Validates a concrete 1-D grid of hyperparameter values.
+
+  Args:
+    values: [G] array-like, G >= 1.
+    name: the argument's name, for error messages.
+    positive: True for values that must be > 0 (temperatures), False for >= 0 (epsilons).
+
+  Returns:
+    [G] float32.
+
+  Raises:
+    ValueError: not 1-D, empty, traced (a grid is validated before tracing), or out of range.
+  """
+  if isinstance(values, jax.core.Tracer):
+    raise ValueError(f"{name} must be concrete: the grid is validated before it is traced.")
+  arr = np.asarray(values, np.float32)
+  if arr.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D grid, got shape {arr.shape}.")
+  if arr.shape[0] == 0:
+    raise ValueError(f"{name} is an empty grid.")
+  bad = ~(arr > 0) if positive else ~(arr >= 0)  # `~(>)` also flags NaN
+  if bad.any():
+    raise ValueError(f"{name} must all be {'> 0' if positive else '>= 0'}, got {arr[bad]}.")
+  return jnp.asarray(arr)
+
+
+def _resolve_forward_batch(forward_batch: int | None | str) -> int | None:
+  if forward_batch == "auto":
+    return _DEFAULT_CPU_FORWARD_BATCH if jax.default_backend() == "cpu" else None
+  if forward_batch is None:
+    return None
+  if isinstance(forward_batch, bool) or not isinstance(forward_batch, int) or forward_batch < 1:
+    raise ValueError(f"forward_batch must be a positive int, None or 'auto', got {forward_batch!r}.")
+  return forward_batch
+
+
+def _map(fn: Callable, xs: Any, batch: int | None) -> Any:
+  """`vmap(fn)(xs)` when batch is None, else a loop over groups of `batch` (`lax.map`)."""
+  if batch is None:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=batch)
+
+
+def _odin_grid_chunk(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatures: jax.Array,
+                     epsilons: jax.Array, std: jax.Array, forward_batch: int | None
+                     ) -> jax.Array:
+  """[B, H, W, C] -> [T, E, B] ODIN scores; see the module docstring."""
+  num_t, num_e = temperatures.shape[0], epsilons.shape[0]
+  directions = _map(  # [T, B, H, W, C], one backward pass per temperature
+      lambda t: odin_perturbation(apply_fn, variables, x, temperature=t, std=std),
+      temperatures, forward_batch)
+  # Configs in row-major (t, e) order, so the [T * E] results reshape straight to [T, E].
+  t_index = jnp.repeat(jnp.arange(num_t), num_e)  # [T * E]
+  e_index = jnp.tile(jnp.arange(num_e), num_t)  # [T * E]
+
+  def forward(config):
+    t, e = config
+    x_tilde = x - epsilons[e] * directions[t]  # [B, H, W, C]
+    return _max_softmax_score(apply_fn(variables, x_tilde), temperatures[t])  # [B]
+
+  scores = _map(forward, (t_index, e_index), forward_batch)  # [T * E, B]
+  return scores.reshape(num_t, num_e, x.shape[0])
+
+
+_odin_grid_chunk_jit = jax.jit(_odin_grid_chunk, static_argnames=("apply_fn", "forward_batch"))
+
+
+def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, std,
+              chunk_size: int = 256, forward_batch: int | None | str = "auto") -> np.ndarray:
+  """ODIN scores of every image under every (temperature, epsilon) pair.
+
+  `odin_grid(...)[t, e]` equals `odin(apply_fn, variables, x, temperature=temperatures[t],
+  epsilon=epsilons[e], std=std)` up to float32 rounding, at the cost of T backward and T·E
+  forward passes rather than T·E of each.
+
+  Args:
+    apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode. Static
+      for `jit`: pass the same object on every call to reuse the compiled program.
+    variables: the network's variables.
+    x: [B, H, W, C] normalised inputs (numpy or jax); sliced on the host into chunks.
+    temperatures: [T] values > 0 (concrete).
+    epsilons: [E] values >= 0 (concrete), in [0, 1]-pixel units as in `odin`.
+    std: [C] the per-channel std the inputs were normalised with.
+    chunk_size: images per compiled call; the last chunk is padded to this size (or to B when
+      B < chunk_size). Peak memory is about T · chunk_size input gradients plus the activations of
+      `forward_batch` · chunk_size images (T · E · chunk_size with `forward_batch=None`).
+    forward_batch: configs per step of the T backward and T·E forward passes: an int for
+      `lax.map` groups (CPU), None for one full `vmap` (accelerators), "auto" to pick by backend.
+
+  Returns:
+    [T, E, B] float32 numpy array of scores, higher = more OOD.
+
+  Raises:
+    ValueError: an empty or out-of-range grid, `std` not of shape [C], a bad `chunk_size` or
+      `forward_batch`.
+
+  References:
+    Liang, Li, Srikant. ODIN. ICLR 2018, eq. (1), (2); the grid of section 4.4 is
+    `oodjax.tuning.PAPER_TEMPERATURES` x `oodjax.tuning.PAPER_EPSILONS`.
+  """
+  temperatures = check_grid(temperatures, "temperatures", positive=True)
+  epsilons = check_grid(epsilons, "epsilons", positive=False)
+  x = np.asarray(x)
+  std = check_std(std, x.shape[-1])
+  batch = _resolve_forward_batch(forward_batch)
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  n = x.shape[0]
+  if n == 0:
+    return np.zeros((temperatures.shape[0], epsilons.shape[0], 0), np.float32)
+  size = min(chunk_size, n)
+  outputs = []
+  for start in range(0, n, size):
+    chunk = x[start:start + size]
+    valid = chunk.shape[0]
+    if valid < size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - valid, axis=0)])
+    scores = _odin_grid_chunk_jit(apply_fn, variables, chunk, temperatures, epsilons, std,
+                                  forward_batch=batch)
+    outputs.append(np.asarray(scores)[:, :, :valid])
+  return np.concatenate(outputs, axis=-1)
+
+
+def score_grid(detector: Callable, apply_fn: ApplyFn, variables: Any, x: jax.Array,
+               temperatures, **hyper) -> jax.Array:
+  """Scores of a detector with a `temperature` keyword (energy, temperature_scaled) over a T grid.
+
+  `jax.vmap` batches only what depends on the mapped temperature, so the network's forward pass,
+  which does not, runs once and only the cheap softmax/logsumexp is repeated T times. Jit the
+  call (with `detector` and `apply_fn` closed over) to compile it once.
+
+  Args:
+    detector: `detector(apply_fn, variables, x, *, temperature, **hyper) -> [B]`.
+    apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode.
+    variables: the network's variables.
+    x: [B, H, W, C] normalised inputs.
+    temperatures: [T] values > 0 (concrete).
+    **hyper: further keyword arguments of `detector`.
+
+  Returns:
+    [T, B] float32 scores.
+  """
+  temperatures = check_grid(temperatures, "temperatures", positive=True)
+  return jax.vmap(
+      lambda t: detector(apply_fn, variables, x, temperature=t, **hyper))(temperatures)
+
+
+def _metrics_grid(scores_in: jax.Array, scores_out: jax.Array) -> dict[str, jax.Array]:
+  fn = metrics.all_metrics
+  for _ in range(scores_in.ndim - 1):  # one vmap per leading grid axis
+    fn = jax.vmap(fn)
+  return fn(scores_in, scores_out)
+
+
+_metrics_grid_jit = jax.jit(_metrics_grid)
+
+
+def metrics_grid(scores_in, scores_out) -> dict[str, jax.Array]:
+  """`metrics.all_metrics` for every grid point of two score grids, in one compiled call.
+
+  Args:
+    scores_in: [T, E, N] in-distribution scores (any number of leading grid axes, e.g. [T, N]).
+    scores_out: [T, E, M] out-of-distribution scores with the same leading axes.
+
+  Returns:
+    dict with keys "fpr95", "detection_error", "auroc", "aupr_in", "aupr_out", each [T, E]
+    float32 (ID = positive class, as in ODIN).
+
+  Raises:
+    ValueError: mismatched leading axes, empty score vectors, or NaN scores (metrics cannot check
+      for NaN under `vmap`, so it is checked here first).
+  """
+  scores_in, scores_out = jnp.asarray(scores_in), jnp.asarray(scores_out)
+  if scores_in.ndim < 1 or scores_in.shape[:-1] != scores_out.shape[:-1]:
+    raise ValueError(f"score grids must share their leading axes, got {scores_in.shape} and "
+                     f"{scores_out.shape}.")
+  for name, s in (("scores_in", scores_in), ("scores_out", scores_out)):
+    if s.shape[-1] == 0:
+      raise ValueError(f"{name} is empty along its last axis.")
+    if not isinstance(s, jax.core.Tracer) and bool(jnp.isnan(s).any()):
+      raise ValueError(f"{name} contains NaN.")
+  return _metrics_grid_jit(scores_in, scores_out)
