@@ -57,23 +57,32 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
     ds = data.load(name, "test", seed=config.eval.ood_seed, data_dir=args.data_dir)
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
-  unknown = [d for d in config.eval.detectors if d not in detectors.DETECTORS]
+  odin_names = (evaluate.ODIN, evaluate.ODIN_NO_OOD)
+  known = sorted(detectors.DETECTORS) + list(odin_names)
+  unknown = [d for d in config.eval.detectors if d not in known]
   if unknown:
-    raise ValueError(f"unknown detectors {unknown}; known: {sorted(detectors.DETECTORS)}")
-  chosen = {name: detectors.DETECTORS[name] for name in config.eval.detectors}
+    raise ValueError(f"unknown detectors {unknown}; known: {known}")
+  simple = {name: detectors.DETECTORS[name] for name in config.eval.detectors
+            if name in detectors.DETECTORS}
+  odin = None
+  if any(name in odin_names for name in config.eval.detectors):
+    odin = dict(config.eval.odin)
+    odin["tuned_on_ood"] = evaluate.ODIN in config.eval.detectors
+    odin["tuned_without_ood"] = evaluate.ODIN_NO_OOD in config.eval.detectors
   apply_fn = functools.partial(model.apply, train=False)
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   start = time.time()
-  results = evaluate.evaluate_ood(apply_fn, variables, test_ds, ood_sets, chosen,
-                                  config.eval.batch_size)
+  results, scores = evaluate.evaluate_ood(
+      apply_fn, variables, test_ds, ood_sets, simple, config.eval.batch_size, odin=odin,
+      holdout=config.eval.holdout, seed=config.eval.split_seed, progress=not args.no_progress)
   results["config"] = args.config
   results["seconds"] = round(time.time() - start, 1)
-  report = evaluate.write_results(
-      results, args.workdir, title=f"{config.model} on {config.dataset}")
+  report = evaluate.write_results(results, args.workdir,
+                                  title=f"{config.model} on {config.dataset}", scores=scores)
   print(report)
-  print(f"wrote {pathlib.Path(args.workdir) / 'results.json'} and results.md")
+  print(f"wrote results.json, results.md and plots/ to {args.workdir}")
   return results
 
 

@@ -1,13 +1,21 @@
-"""Scoring datasets with detectors and turning scores into OOD results tables."""
+"""Scoring datasets with detectors and turning scores into OOD results: JSON, Markdown, PNGs.
+
+`evaluate_ood` runs a list of detectors on the in-distribution test set against each OOD set.
+With `holdout` set, every OOD set is split as in the ODIN paper's protocol (`tuning.split_holdout`:
+`holdout` images of each set are held out for tuning) and EVERY detector is reported on the same
+remaining images, so tuned and untuned detectors are compared on equal terms. ODIN is tuned on
+the held-out part with OOD data (the paper's protocol) and, separately labelled, without any.
+"""
 from __future__ import annotations
 
 import functools
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from oodjax import io
 from oodjax import metrics
@@ -15,10 +23,13 @@ from oodjax.data.core import ImageDataset, normalize
 
 METRIC_COLUMNS = (("fpr95", "FPR@95TPR ↓"), ("detection_error", "Det. err ↓"),
                   ("auroc", "AUROC ↑"), ("aupr_in", "AUPR-in ↑"), ("aupr_out", "AUPR-out ↑"))
+ODIN = "odin"                # tuned on held-out OOD images: the paper's protocol
+ODIN_NO_OOD = "odin_no_ood"  # tuned on held-out ID images alone
+LABELS = {"msp": "Baseline (MSP)", "max_logit": "Max logit", "energy": "Energy",
+          "t1000": "T1000", ODIN: "ODIN (tuned on OOD)", ODIN_NO_OOD: "ODIN (tuned without OOD)"}
 
 
-def map_batches(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int,
-                progress: Callable[[int], None] | None = None) -> Any:
+def map_batches(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int) -> Any:
   """Applies a jitted `fn(x [B, H, W, C]) -> pytree of [B, ...]` over a dataset in batches.
 
   The last batch is padded to `batch_size` so `fn` compiles once; padding is cut off again.
@@ -33,8 +44,6 @@ def map_batches(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_siz
       images = np.concatenate([images, np.repeat(images[-1:], batch_size - valid, 0)])
     out = fn(normalize(images, dataset.mean, dataset.std))
     outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], out))
-    if progress is not None:
-      progress(valid)
   return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
@@ -57,68 +66,183 @@ def accuracy(apply_fn: Callable, variables: Any, dataset: ImageDataset,
   return float(np.mean(predictions == dataset.labels))
 
 
-def ood_table(scores_in: np.ndarray, scores_out: Mapping[str, np.ndarray]
-              ) -> dict[str, dict[str, float]]:
-  """Metrics of one detector's ID scores against each OOD set's scores."""
-  metrics.check_scores(jnp.asarray(scores_in), "scores_in")
-  table = {}
-  for name, s in scores_out.items():
-    metrics.check_scores(jnp.asarray(s), f"scores of {name}")
-    # One compiled program per shape, instead of one per operation as an eager call compiles.
-    table[name] = {k: float(v) for k, v in _all_metrics_jit(scores_in, s).items()}
-  return table
-
-
 _all_metrics_jit = jax.jit(metrics.all_metrics)
+
+
+def metric_row(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
+  """All metrics of one detector on one (ID, OOD) pair, as Python floats."""
+  metrics.check_scores(jnp.asarray(scores_in), "scores_in")
+  metrics.check_scores(jnp.asarray(scores_out), "scores_out")
+  # One compiled program per shape, instead of one per operation as an eager call compiles.
+  return {k: float(v) for k, v in _all_metrics_jit(scores_in, scores_out).items()}
 
 
 def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
                  ood_sets: Mapping[str, ImageDataset], detectors: Mapping[str, Callable],
-                 batch_size: int = 500) -> dict:
+                 batch_size: int = 500, *, odin: Mapping[str, Any] | None = None,
+                 holdout: int | None = None, seed: int = 0, progress: bool = False
+                 ) -> tuple[dict, dict]:
   """Scores the ID test set and each OOD set with each detector.
 
   OOD sets are normalised with the in-distribution statistics, as the model saw its training
-  data. Returns a JSON-able dict:
-  {"accuracy": float, "num_in": int, "ood_sizes": {name: n},
-   "detectors": {detector: {ood_set: {metric: value}}}}.
+  data.
+
+  Args:
+    apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode.
+    variables: the network's variables.
+    id_test: the in-distribution test set (labelled: accuracy is reported too).
+    ood_sets: name -> OOD set with the same image shape.
+    detectors: name -> `score(apply_fn, variables, x) -> [B]` for untuned detectors.
+    batch_size: images per compiled call.
+    odin: None, or the ODIN options {"temperatures", "epsilons", "no_ood_temperature",
+      "tuned_on_ood" (bool), "tuned_without_ood" (bool), "chunk_size"}; needs `holdout`.
+    holdout: images of each set held out for tuning (None: no split, every image is scored).
+    seed: seed of the split.
+    progress: show a progress bar.
+
+  Returns:
+    (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_sizes", "protocol",
+    "detectors": {detector: {ood_set: {metric: value, and "temperature"/"epsilon" for ODIN}}},
+    "odin_grid": {ood_set: {"temperatures", "epsilons", "fpr95" [T][E]}}}; scores maps
+    ood_set -> detector -> (scores_in, scores_out) on the evaluation images, for plots.
   """
   for name, ds in ood_sets.items():
     if ds.image_shape != id_test.image_shape:
       raise ValueError(f"OOD set {name} has images of shape {ds.image_shape}, the "
                        f"in-distribution test set {id_test.image_shape}")
+  if odin is not None and holdout is None:
+    raise ValueError("ODIN is tuned on held-out images: set a holdout")
   ood_sets = {name: ds.with_stats(id_test.mean, id_test.std) for name, ds in ood_sets.items()}
+  from oodjax import tuning  # the ODIN machinery, only needed here
+
+  n_steps = len(detectors) * (1 + len(ood_sets))
+  if odin is not None:
+    n_steps += len(ood_sets) * (bool(odin.get("tuned_on_ood", True)) +
+                                bool(odin.get("tuned_without_ood", True)))
+  bar = tqdm.tqdm(total=n_steps, disable=not progress, unit="step", dynamic_ncols=True)
   results = {"accuracy": accuracy(apply_fn, variables, id_test, batch_size),
              "num_in": len(id_test),
              "ood_sizes": {name: len(ds) for name, ds in ood_sets.items()},
-             "detectors": {}}
+             "protocol": {"holdout": holdout, "seed": seed},
+             "detectors": {}, "odin_grid": {}}
+  scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in ood_sets}
+  n_in = len(id_test)
+  splits = {name: (tuning.split_holdout(n_in, len(ds), holdout, seed) if holdout is not None
+                   else (None, np.arange(n_in), None, np.arange(len(ds))))
+            for name, ds in ood_sets.items()}
+
   for det_name, detector in detectors.items():
-    scores_in = score_dataset(detector, apply_fn, variables, id_test, batch_size)
-    scores_out = {name: score_dataset(detector, apply_fn, variables, ds, batch_size)
-                  for name, ds in ood_sets.items()}
-    results["detectors"][det_name] = ood_table(scores_in, scores_out)
-  return results
+    bar.set_description(f"{det_name} on in-distribution")
+    all_in = score_dataset(detector, apply_fn, variables, id_test, batch_size)
+    bar.update(1)
+    table = results["detectors"][det_name] = {}
+    for name, ds in ood_sets.items():
+      bar.set_description(f"{det_name} on {name}")
+      _, eval_in, _, eval_out = splits[name]
+      s_in = all_in[eval_in]
+      s_out = score_dataset(detector, apply_fn, variables, ds, batch_size)[eval_out]
+      table[name] = metric_row(s_in, s_out)
+      scores[name][det_name] = (s_in, s_out)
+      bar.update(1)
+
+  if odin is not None:
+    x_in = normalize(id_test.images, id_test.mean, id_test.std)
+    grid_args = dict(std=id_test.std, holdout=holdout, seed=seed,
+                     chunk_size=int(odin.get("chunk_size", 250)))
+    if odin.get("tuned_on_ood", True):
+      table = results["detectors"][ODIN] = {}
+      for name, ds in ood_sets.items():
+        bar.set_description(f"ODIN grid on {name}")
+        tuned = tuning.tune_odin(apply_fn, variables, x_in, normalize(ds.images, ds.mean, ds.std),
+                                 temperatures=odin["temperatures"], epsilons=odin["epsilons"],
+                                 **grid_args)
+        table[name] = {**tuned["metrics"], "temperature": tuned["temperature"],
+                       "epsilon": tuned["epsilon"], "tune_fpr95": tuned["tune_fpr95"]}
+        results["odin_grid"][name] = {"temperatures": [float(t) for t in odin["temperatures"]],
+                                      "epsilons": [float(e) for e in odin["epsilons"]],
+                                      "fpr95": np.asarray(tuned["grid_fpr95"]).tolist(),
+                                      "chosen": [tuned["t_index"], tuned["e_index"]]}
+        scores[name][ODIN] = (tuned["scores_in"], tuned["scores_out"])
+        bar.update(1)
+    if odin.get("tuned_without_ood", True):
+      bar.set_description("ODIN tuned without OOD")
+      tuned = tuning.tune_odin_without_ood(
+          apply_fn, variables, x_in, temperature=float(odin["no_ood_temperature"]),
+          epsilons=odin["epsilons"], **grid_args)
+      from oodjax.detectors import odin as odin_score
+      table = results["detectors"][ODIN_NO_OOD] = {}
+      hyper = dict(temperature=tuned["temperature"], epsilon=tuned["epsilon"],
+                   std=tuple(id_test.std))
+      for name, ds in ood_sets.items():
+        _, eval_in, _, eval_out = splits[name]
+        s_in = tuned["scores_in"]  # the same evaluation ID images as every other row
+        s_out = score_dataset(odin_score, apply_fn, variables, ds.take(eval_out), batch_size,
+                              **hyper)
+        table[name] = {**metric_row(s_in, s_out), "temperature": tuned["temperature"],
+                       "epsilon": tuned["epsilon"]}
+        scores[name][ODIN_NO_OOD] = (s_in, s_out)
+        bar.update(1)
+  bar.close()
+  return results, scores
 
 
-def markdown_report(results: dict, title: str = "OOD detection") -> str:
-  """Renders `evaluate_ood` results as Markdown: one table, a row per (OOD set, detector)."""
-  header = "| OOD set | detector | " + " | ".join(label for _, label in METRIC_COLUMNS) + " |"
-  lines = [f"## {title}", "",
-           f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% "
-           f"on {results['num_in']} images. Metrics in %, ID = positive class.", "",
-           header, "|" + "---|" * (len(METRIC_COLUMNS) + 2)]
-  ood_names = next(iter(results["detectors"].values())).keys() if results["detectors"] else ()
+def _fmt_hyper(row: Mapping[str, float], key: str) -> str:
+  return f"{row[key]:g}" if key in row else "–"
+
+
+def markdown_report(results: dict, title: str = "OOD detection", level: int = 2) -> str:
+  """Renders `evaluate_ood` results as Markdown: one table per OOD set, a row per detector."""
+  hashes = "#" * level
+  holdout = results.get("protocol", {}).get("holdout")
+  split = (f" Each set's {holdout} held-out tuning images are excluded from every row."
+           if holdout else "")
+  lines = [f"{hashes} {title}", "",
+           f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
+           f"{results['num_in']} images. Metrics in %; in-distribution is the positive class; "
+           f"scores are higher for more OOD inputs.{split}", ""]
+  ood_names = list(results["ood_sizes"])
+  header = ("| detector | " + " | ".join(label for _, label in METRIC_COLUMNS) + " | T | ε |")
   for ood in ood_names:
+    lines += [f"{hashes}# {ood} ({results['ood_sizes'][ood]} images)", "", header,
+              "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
     for det_name, table in results["detectors"].items():
-      cells = " | ".join(f"{100 * table[ood][key]:.2f}" for key, _ in METRIC_COLUMNS)
-      lines.append(f"| {ood} | {det_name} | {cells} |")
-  return "\n".join(lines) + "\n"
+      row = table[ood]
+      cells = " | ".join(f"{100 * row[key]:.2f}" for key, _ in METRIC_COLUMNS)
+      lines.append(f"| {LABELS.get(det_name, det_name)} | {cells} | "
+                   f"{_fmt_hyper(row, 'temperature')} | {_fmt_hyper(row, 'epsilon')} |")
+    lines.append("")
+  return "\n".join(lines)
 
 
-def write_results(results: dict, workdir: str | pathlib.Path, title: str = "OOD detection"
-                  ) -> str:
-  """Writes results.json and results.md to `workdir` atomically; returns the Markdown."""
+def _slug(name: str) -> str:
+  return name.replace("/", "_").replace(":", "_")
+
+
+def write_results(results: dict, workdir: str | pathlib.Path, title: str = "OOD detection",
+                  scores: Mapping[str, Mapping[str, tuple]] | None = None) -> str:
+  """Writes results.json, results.md and (given scores) PNG plots to `workdir` atomically.
+
+  Plots: `plots/roc_<set>.png` (ROC of every detector), `plots/hist_<set>.png` (ID vs OOD score
+  histograms), `plots/odin_fpr95_<set>.png` (FPR@95 over the ODIN grid, the choice marked).
+  Returns the Markdown.
+  """
+  from oodjax import plots
   workdir = pathlib.Path(workdir)
   report = markdown_report(results, title)
+  if scores:
+    plot_dir = workdir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for ood, per_det in scores.items():
+      curves = {LABELS.get(d, d): s for d, s in per_det.items()}
+      with io.atomic_path(plot_dir / f"roc_{_slug(ood)}.png") as tmp:
+        plots.plot_roc(curves, tmp, f"ROC: {ood}")
+      with io.atomic_path(plot_dir / f"hist_{_slug(ood)}.png") as tmp:
+        plots.plot_histograms(curves, tmp, f"Scores: {ood}")
+    for ood, grid in results.get("odin_grid", {}).items():
+      with io.atomic_path(plot_dir / f"odin_fpr95_{_slug(ood)}.png") as tmp:
+        plots.plot_grid_heatmap(np.asarray(grid["fpr95"]), grid["temperatures"],
+                                grid["epsilons"], tmp, f"ODIN held-out FPR@95: {ood}",
+                                chosen=tuple(grid["chosen"]))
   io.atomic_write_json(workdir / "results.json", results)
   io.atomic_write_text(workdir / "results.md", report)
   return report

@@ -42,8 +42,8 @@ def test_evaluate_ood_table_matches_sklearn_and_renders():
   rng = np.random.default_rng(0)
   variables = {"w": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
   id_ds, ood_ds = _dataset(40, 1), _dataset(30, 2, shift=60)
-  results = evaluate.evaluate_ood(_linear_apply, variables, id_ds, {"shifted": ood_ds},
-                                  {"msp": detectors.msp}, batch_size=16)
+  results, scores = evaluate.evaluate_ood(_linear_apply, variables, id_ds, {"shifted": ood_ds},
+                                          {"msp": detectors.msp}, batch_size=16)
   s_in = evaluate.score_dataset(detectors.msp, _linear_apply, variables, id_ds, 16)
   s_out = evaluate.score_dataset(detectors.msp, _linear_apply, variables,
                                  ood_ds.with_stats(id_ds.mean, id_ds.std), 16)
@@ -52,7 +52,8 @@ def test_evaluate_ood_table_matches_sklearn_and_renders():
   expected = roc_auc_score(np.r_[np.zeros(40), np.ones(30)], np.r_[s_in, s_out])
   assert results["detectors"]["msp"]["shifted"]["auroc"] == pytest.approx(expected, abs=1e-6)
   report = evaluate.markdown_report(results)
-  assert "| shifted | msp |" in report
+  assert "### shifted (30 images)" in report and "| Baseline (MSP) |" in report
+  np.testing.assert_array_equal(scores["shifted"]["msp"][1], s_out)
   assert f"{100 * expected:.2f}" in report
 
 
@@ -95,3 +96,47 @@ def test_cli_reports_bad_override_without_traceback(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert "no key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluate_with_odin_uses_one_split_for_every_row_and_writes_plots(tmp_path):
+  from oodjax import tuning
+  rng = np.random.default_rng(0)
+  variables = {"w": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
+  id_ds, ood_ds = _dataset(60, 1), _dataset(50, 2, shift=60)
+  odin = dict(temperatures=(1.0, 100.0), epsilons=(0.0, 0.004), no_ood_temperature=100.0,
+              chunk_size=16)
+  results, scores = evaluate.evaluate_ood(_linear_apply, variables, id_ds, {"shifted": ood_ds},
+                                          {"msp": detectors.msp}, batch_size=16, odin=odin,
+                                          holdout=20, seed=3)
+  assert set(results["detectors"]) == {"msp", "odin", "odin_no_ood"}
+  _, eval_in, _, eval_out = tuning.split_holdout(60, 50, 20, 3)
+  for det in ("msp", "odin", "odin_no_ood"):
+    s_in, s_out = scores["shifted"][det]
+    assert s_in.shape == (40,) and s_out.shape == (30,)
+  # The ODIN row, recomputed independently: score the evaluation images with `odin` at the
+  # chosen (T, eps) and compare with sklearn's AUROC.
+  row = results["detectors"]["odin"]["shifted"]
+  hyper = dict(temperature=row["temperature"], epsilon=row["epsilon"], std=id_ds.std)
+  s_in = evaluate.score_dataset(detectors.odin, _linear_apply, variables, id_ds.take(eval_in),
+                                16, **hyper)
+  s_out = evaluate.score_dataset(detectors.odin, _linear_apply, variables,
+                                 ood_ds.with_stats(id_ds.mean, id_ds.std).take(eval_out), 16,
+                                 **hyper)
+  expected = roc_auc_score(np.r_[np.zeros(40), np.ones(30)], np.r_[s_in, s_out])
+  assert row["auroc"] == pytest.approx(expected, abs=1e-5)
+  grid = results["odin_grid"]["shifted"]
+  assert np.asarray(grid["fpr95"]).shape == (2, 2)
+  assert min(map(min, grid["fpr95"])) == row["tune_fpr95"]
+  report = evaluate.write_results(results, tmp_path, scores=scores)
+  assert "ODIN (tuned on OOD)" in report and "ODIN (tuned without OOD)" in report
+  for name in ("roc_shifted.png", "hist_shifted.png", "odin_fpr95_shifted.png"):
+    assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+  assert json.loads((tmp_path / "results.json").read_text())["protocol"]["holdout"] == 20
+
+
+def test_odin_needs_a_holdout():
+  variables = {"w": jnp.zeros((16, 3))}
+  with pytest.raises(ValueError, match="holdout"):
+    evaluate.evaluate_ood(_linear_apply, variables, _dataset(10, 0), {"o": _dataset(10, 1)}, {},
+                          odin=dict(temperatures=(1.0,), epsilons=(0.0,),
+                                    no_ood_temperature=1.0))
