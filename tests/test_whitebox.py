@@ -171,6 +171,8 @@ def test_which_selects_in_its_order(tiny):
   assert tuple(some) == which
   for name in which:
     np.testing.assert_allclose(some[name], scores[name], rtol=1e-5, atol=1e-6)
+  latent = indicators(model, variables, jnp.asarray(x), which=("ACT", "NORM"))
+  assert tuple(latent) == ("ACT", "NORM")
   with pytest.raises(ValueError, match="unknown"):
     indicators(model, variables, x, which=("ODIN",))
 
@@ -324,3 +326,11 @@ def test_odin_indicator_forwards_the_papers_settings(monkeypatch):
   out = whitebox.odin_indicator(lambda v, x: x, {}, jnp.zeros((2, 3)), std=0.3)
   assert out.shape == (2,)
   assert calls == {"temperature": 1000.0, "epsilon": 8e-4, "std": 0.3}
+
+
+def test_odin_indicator_without_perturbation_is_t1000(tiny):
+  model, variables, x, scores = tiny
+  apply_fn = lambda v, x: model.apply(v, x, train=False)
+  odin0 = jax.jit(lambda v, x: whitebox.odin_indicator(apply_fn, v, x, std=jnp.ones(2),
+                                                       epsilon=0.0))(variables, x)
+  np.testing.assert_allclose(odin0, scores["T1000"], rtol=1e-6, atol=1e-7)
