@@ -190,3 +190,19 @@ def test_provenance_script_regenerates_identical_bytes():
                        timeout=600)
   assert res.returncode == 0, res.stdout + res.stderr
   assert "all files identical" in res.stdout
+
+
+def test_noise_sets_at_cifar_size():
+  uniform = data.load("embedded/uniform_noise:32x32x3", size=400, seed=1)
+  assert uniform.images.shape == (400, 32, 32, 3) and uniform.images.dtype == np.uint8
+  x = uniform.images / 255.0
+  assert abs(x.mean() - 0.5) < 0.01 and abs(x.std() - np.sqrt(1 / 12)) < 0.01
+  gauss = data.load("embedded/gaussian_noise:32x32x3", size=400, seed=1)
+  # N(0.5, 1) clipped to [0, 1]: P(x <= 0) = Phi(-0.5) ~ 0.3085 of the pixels sit at 0.
+  assert abs(np.mean(gauss.images == 0) - stats.norm.cdf(-0.5)) < 0.01
+  np.testing.assert_array_equal(
+      data.load("embedded/uniform_noise:32x32x3", size=5, seed=1).images, uniform.images[:5])
+  for bad in ("embedded/uniform_noise:32x32", "embedded/uniform_noise:32x32x2",
+              "embedded/fashion_mnist_noise:32x32x3"):
+    with pytest.raises(ValueError):
+      data.load(bad, size=4)

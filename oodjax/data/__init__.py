@@ -12,6 +12,8 @@ Names accepted by `load(name, split="test", *, data_dir=None, seed=0, size=None,
   embedded/textures             far-OOD, 2,028 crops of brick / grass / gravel
   embedded/gaussian_noise       generated from `seed`: N(0.5, 1) clipped to [0, 1]
   embedded/uniform_noise        generated from `seed`: U(0, 1)
+  embedded/<noise>:HxWxC        gaussian_noise or uniform_noise at another size, e.g.
+                                embedded/uniform_noise:32x32x3 (ODIN's CIFAR-size noise)
   embedded/fashion_mnist_noise  generated from `seed`: Fashion-MNIST test + U(0, 1), clipped
   tfds/<name>[:coarse]          prepared TFDS data (`oodjax data prepare NAME`): cifar10,
                                 cifar100, cifar100:coarse, svhn_cropped, mnist, fashion_mnist,
@@ -65,7 +67,7 @@ def load(name: str, split: str = "test", *, data_dir: str | None = None, seed: i
   prefix, _, rest = name.partition("/")
   if options and prefix != "folder":
     raise ValueError(f"options {sorted(options)} apply only to folder/ sets, not {name!r}")
-  if prefix == "embedded" and rest in VENDORED + GENERATED:
+  if prefix == "embedded" and (rest in VENDORED or rest.partition(":")[0] in GENERATED):
     ds = load_embedded(rest, split, seed=seed, size=size)
   elif prefix == "tfds" and rest:
     ds = load_tfds(rest, split, data_dir=data_dir, size=size)

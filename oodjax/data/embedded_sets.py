@@ -80,10 +80,14 @@ def load_embedded(name: str, split: str = "test", *, seed: int = 0,
     d = _read_npz(name)
     mean, std = channel_stats(d["images"])
     ds = ImageDataset(d["images"], d["labels"], mean, std, tuple(d["class_names"].tolist()), full)
-  elif name in GENERATED:
+  elif name.partition(":")[0] in GENERATED:
     _check_single_split(full, split)
+    name, _, shape_spec = name.partition(":")
+    image_shape = _parse_shape(shape_spec, full) if shape_spec else (28, 28, 1)
+    if name == "fashion_mnist_noise" and image_shape != (28, 28, 1):
+      raise ValueError(f"{full}: Fashion-MNIST noise exists only at 28x28x1")
     n = len(_read_npz("fashion_mnist")["test_labels"]) if size is None else size
-    images = _generate(name, seed, n)
+    images = _generate(name, seed, n, image_shape)
     mean, std = channel_stats(images)
     return ImageDataset(images, np.full((n,), -1, np.int32), mean, std, (), full)
   else:
@@ -97,12 +101,24 @@ def _check_single_split(full: str, split: str) -> None:
     raise ValueError(f"{full} has a single split, 'test', not {split!r}")
 
 
-def _generate(name: str, seed: int, n: int) -> np.ndarray:
-  """Draws the generated set `name`: [n, 28, 28, 1] uint8."""
+def _parse_shape(spec: str, full: str) -> tuple[int, int, int]:
+  """"32x32x3" -> (32, 32, 3): the noise sets at another size (ODIN's CIFAR-size noise)."""
+  try:
+    h, w, c = (int(v) for v in spec.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"{full}: the size after ':' must read HxWxC, e.g. 32x32x3") from None
+  if min(h, w) < 1 or c not in (1, 3):
+    raise ValueError(f"{full}: need H, W >= 1 and C in (1, 3)")
+  return h, w, c
+
+
+def _generate(name: str, seed: int, n: int,
+              image_shape: tuple[int, int, int] = (28, 28, 1)) -> np.ndarray:
+  """Draws the generated set `name`: [n, *image_shape] uint8."""
   if n <= 0:
     raise ValueError(f"size must be positive, got {n}")
   rng = np.random.default_rng([seed, _STREAM[name]])
-  shape = (n, 28, 28, 1)
+  shape = (n, *image_shape)
   if name == "gaussian_noise":
     x = np.clip(rng.normal(0.5, 1.0, shape), 0.0, 1.0)
   elif name == "uniform_noise":
