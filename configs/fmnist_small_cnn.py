@@ -52,6 +52,8 @@ def get_config(arg=None):
       ood_sets=EMBEDDED_OOD,
       detectors=("msp", "odin", "odin_no_ood"),
       ood_seed=0,  # seed of the generated noise sets
+      # Images per OOD set (None: all; generated sets default to the ID test size).
+      ood_size=ml_collections.FieldReference(None, field_type=int),
       # The ODIN paper's protocol: this many images of each set are held out for tuning, and
       # every detector is reported on the rest.
       holdout=1000,

@@ -54,7 +54,8 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
 
   ood_sets = {}
   for name in config.eval.ood_sets:
-    ds = data.load(name, "test", seed=config.eval.ood_seed, data_dir=args.data_dir)
+    ds = data.load(name, "test", seed=config.eval.ood_seed, data_dir=args.data_dir,
+                   size=config.eval.get("ood_size"))
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
   odin_names = (evaluate.ODIN, evaluate.ODIN_NO_OOD)

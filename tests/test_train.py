@@ -290,3 +290,13 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference_run, tmp_pa
     train_steps = [json.loads(line)["step"] for line in f
                    if json.loads(line)["kind"] == "train"]
   assert train_steps == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+
+
+def test_relative_workdir(reference_run, tmp_path, monkeypatch):
+  """`--workdir runs/x` is relative; Orbax's writer wants absolute paths."""
+  _, params, _ = reference_run
+  monkeypatch.chdir(tmp_path)
+  state, summary = train_classifier(tiny_config(), "runs/relative", model=TinyNet(),
+                                    train_ds=tiny_dataset(), progress=False)
+  assert summary["step"] == 18 and (tmp_path / "runs/relative/checkpoints/18").is_dir()
+  _assert_trees_equal(_params(state), params)

@@ -63,7 +63,9 @@ def make_checkpoint_manager(directory: str | os.PathLike, *, every_steps: int, k
       cleanup_tmp_directories=True,
       create=True,
   )
-  return ocp.CheckpointManager(os.fspath(directory), options=options,
+  # Orbax's array writer rejects relative paths (at the first save, asynchronously), and users
+  # pass `--workdir runs/x`.
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("state", "rng", "meta"))
 
 

@@ -83,9 +83,16 @@ def default_train_config() -> ml_collections.ConfigDict:
   return config
 
 
+# The config entries that decide what training produces; evaluation settings, the mesh and the
+# checkpoint cadence may change between runs of the same training without a warning.
+TRAINING_KEYS = ("seed", "dataset", "model", "train_size", "train")
+
+
 def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short digest of the whole config, stored with each checkpoint."""
-  text = json.dumps(json.loads(config.to_json()), sort_keys=True)
+  """A short digest of the training part of a config (`TRAINING_KEYS`), stored with each
+  checkpoint, so resuming under a different training config is flagged."""
+  full = json.loads(config.to_json())
+  text = json.dumps({k: full[k] for k in TRAINING_KEYS if k in full}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
