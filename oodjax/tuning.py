@@ -14,6 +14,11 @@ perturbed held-out ID images. Report its numbers separately, as "ODIN (tuned wit
 The splits are seeded: the ID split depends only on (n_in, holdout, seed), so it is the same for
 every OOD set and for both tuning variants, and the evaluation ID images are shared by all of them.
 The returned index arrays let other detectors be scored on exactly the same evaluation images.
+
+`tune_odin` runs the whole protocol for one OOD set from the network and the images. Its pieces
+compose for other uses: `split_holdout` -> `sweep.odin_grid` on the held-out parts ->
+`select_from_scores` (or `select_from_grid` on any [T, E] table) -> `detectors.odin` or a
+one-element `sweep.odin_grid` at the choice on the evaluation parts.
 """
 from __future__ import annotations
 
@@ -121,6 +126,45 @@ def select_from_grid(fpr_grid, tie_break=None) -> tuple[int, int]:
   return int(t_index), int(e_index)
 
 
+def select_from_scores(grid_in, grid_out, temperatures, epsilons) -> dict[str, Any]:
+  """The paper's choice of (T, ε) from held-out score grids: minimum FPR at 95% TPR.
+
+  The score-level half of `tune_odin`, for callers that hold the grids already, e.g. one ID grid
+  `sweep.odin_grid(apply_fn, variables, x_in[idx_tune_in], ...)` shared by several OOD sets
+  (the ID split is the same for every OOD set).
+
+  Args:
+    grid_in: [T, E, N] held-out ID scores (`sweep.odin_grid`).
+    grid_out: [T, E, M] held-out OOD scores.
+    temperatures: [T] the grid's temperatures.
+    epsilons: [E] the grid's epsilons.
+
+  Returns:
+    dict with "temperature", "epsilon" (float, as given), "t_index", "e_index" (int),
+    "tune_fpr95" (float), "grid_fpr95" and "grid_detection_error" ([T, E] numpy). Ties in FPR go
+    to the lower held-out detection error, then to the first point in row-major order.
+  """
+  temperatures, epsilons = np.asarray(temperatures, np.float64), np.asarray(epsilons, np.float64)
+  grid_in, grid_out = np.asarray(grid_in), np.asarray(grid_out)
+  want = (temperatures.shape[0], epsilons.shape[0])
+  if grid_in.shape[:2] != want or grid_out.shape[:2] != want:
+    raise ValueError(f"score grids must be [T, E, n] with (T, E) = {want}, got {grid_in.shape} "
+                     f"and {grid_out.shape}.")
+  table = sweep.metrics_grid(grid_in, grid_out)
+  grid_fpr = np.asarray(table["fpr95"])
+  grid_err = np.asarray(table["detection_error"])
+  t_index, e_index = select_from_grid(grid_fpr, tie_break=grid_err)
+  return {
+      "temperature": float(temperatures[t_index]),
+      "epsilon": float(epsilons[e_index]),
+      "t_index": t_index,
+      "e_index": e_index,
+      "tune_fpr95": float(grid_fpr[t_index, e_index]),
+      "grid_fpr95": grid_fpr,
+      "grid_detection_error": grid_err,
+  }
+
+
 def _as_float_dict(table: dict) -> dict[str, float]:
   return {k: float(v) for k, v in table.items()}
 
@@ -173,23 +217,15 @@ def tune_odin(apply_fn: ApplyFn, variables: Any, x_in, x_out, *, std,
 
   grid_in = sweep.odin_grid(apply_fn, variables, x_in[tune_in], temperatures, epsilons, **grid)
   grid_out = sweep.odin_grid(apply_fn, variables, x_out[tune_out], temperatures, epsilons, **grid)
-  table = sweep.metrics_grid(grid_in, grid_out)
-  grid_fpr = np.asarray(table["fpr95"])
-  grid_err = np.asarray(table["detection_error"])
-  t_index, e_index = select_from_grid(grid_fpr, tie_break=grid_err)
+  choice = select_from_scores(grid_in, grid_out, temperatures, epsilons)
 
-  chosen_t, chosen_e = temperatures[t_index:t_index + 1], epsilons[e_index:e_index + 1]
+  # One-element grids reuse the chunked, compiled path for the evaluation images.
+  chosen_t, chosen_e = [choice["temperature"]], [choice["epsilon"]]
   scores_in = sweep.odin_grid(apply_fn, variables, x_in[eval_in], chosen_t, chosen_e, **grid)[0, 0]
   scores_out = sweep.odin_grid(apply_fn, variables, x_out[eval_out], chosen_t, chosen_e,
                                **grid)[0, 0]
   return {
-      "temperature": float(temperatures[t_index]),
-      "epsilon": float(epsilons[e_index]),
-      "t_index": t_index,
-      "e_index": e_index,
-      "tune_fpr95": float(grid_fpr[t_index, e_index]),
-      "grid_fpr95": grid_fpr,
-      "grid_detection_error": grid_err,
+      **choice,
       "metrics": _as_float_dict(metrics.all_metrics(jnp.asarray(scores_in),
                                                     jnp.asarray(scores_out))),
       "scores_in": scores_in,

@@ -155,3 +155,17 @@ def test_tuning_without_ood_takes_no_ood_data_and_maximises_held_out_msp(data):
   np.testing.assert_allclose(
       result["scores_in"], np_odin(p, x_in[eval_in].astype(np.float64), 10.0, result["epsilon"]),
       rtol=2e-5, atol=2e-7)
+
+
+def test_select_from_scores_on_hand_made_score_grids():
+  # (t=1, e=0) separates perfectly (FPR 0); every other point accepts all OOD (FPR 1).
+  grid_in = np.zeros((2, 2, 20), np.float32)
+  grid_out = np.zeros((2, 2, 10), np.float32)
+  grid_out[1, 0] = 1.0
+  choice = tuning.select_from_scores(grid_in, grid_out, (1.0, 1000.0), (0.0, 0.0012))
+  assert (choice["t_index"], choice["e_index"]) == (1, 0)
+  assert choice["temperature"] == 1000.0 and choice["epsilon"] == 0.0
+  assert choice["tune_fpr95"] == 0.0
+  np.testing.assert_array_equal(choice["grid_fpr95"], [[1, 1], [0, 1]])
+  with pytest.raises(ValueError, match=r"\[T, E, n\]"):
+    tuning.select_from_scores(grid_in, grid_out, (1.0, 2.0, 3.0), (0.0, 0.0012))

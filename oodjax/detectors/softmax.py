@@ -241,8 +241,10 @@ def odin(apply_fn: ApplyFn, variables: Any, x: jax.Array, *, temperature: float 
   1. ŷ = argmax_k f_k(x) on the UNSCALED logits. The paper's ŷ is argmax_i S_i(x; T); dividing
      by T > 0 does not change the argmax, and the released code takes it from the raw outputs.
   2. loss = cross-entropy of f(x) / T against ŷ, i.e. −log S_ŷ(x; T), differentiated w.r.t. the
-     normalised input x. Eq. (2) writes sign(−∇_x log S_ŷ(x; T)); −log S_ŷ is exactly this loss,
-     and T is inside it (the gradient at T = 1000 differs from the one at T = 1).
+     normalised input x. Eq. (2) writes x̃ = x − ε sign(−∇_x log S_ŷ(x; T)); −log S_ŷ is exactly
+     this loss, and T is inside it (the gradient at T = 1000 differs from the one at T = 1). The
+     printed eq. (2) has a subscript ỹ; the text ("without the need for a class label") and the
+     released code make it the predicted label ŷ.
   3. sign with "≥ 0 → +1, < 0 → −1", as the released code computes it: a zero gradient still
      moves the pixel by −ε, where jnp.sign would leave it alone.
   4. The sign is divided per channel by the dataset's normalisation std. ε is a step in PIXEL
