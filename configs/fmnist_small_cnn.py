@@ -50,7 +50,7 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=500,
       ood_sets=EMBEDDED_OOD,
-      detectors=("msp", "odin", "odin_no_ood"),
+      detectors=("msp", "odin", "odin_no_ood", "1c_sum"),
       ood_seed=0,  # seed of the generated noise sets
       # Images per OOD set (None: all; generated sets default to the ID test size).
       ood_size=ml_collections.FieldReference(None, field_type=int),
@@ -63,6 +63,8 @@ def get_config(arg=None):
       odin=dict(temperatures=(1.0, 10.0, 100.0, 1000.0),
                 epsilons=(0.0, 0.001, 0.002, 0.003, 0.004),
                 no_ood_temperature=1000.0, chunk_size=250),
+      # 1C-Sum standardises each indicator by its mean/std on uniform noise (paper eq. 31).
+      sample_free=dict(noise_n=10_000, noise_seed=0),
   ))
 
   if arg == "smoke":
@@ -73,6 +75,7 @@ def get_config(arg=None):
     config.eval.holdout = 500
     config.eval.odin.temperatures = (1.0, 1000.0)
     config.eval.odin.epsilons = (0.0, 0.002)
+    config.eval.sample_free.noise_n = 500
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; known: smoke")
   return config

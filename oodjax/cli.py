@@ -14,6 +14,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True,
@@ -59,7 +61,8 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
   odin_names = (evaluate.ODIN, evaluate.ODIN_NO_OOD)
-  known = sorted(detectors.DETECTORS) + list(odin_names)
+  sample_free_names = ("indicators", "1c_sum", "supervised", "odin_sf")
+  known = sorted(detectors.DETECTORS) + list(odin_names) + list(sample_free_names)
   unknown = [d for d in config.eval.detectors if d not in known]
   if unknown:
     raise ValueError(f"unknown detectors {unknown}; known: {known}")
@@ -74,10 +77,18 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
+  sample_free = None
+  chosen_sf = [name for name in config.eval.detectors if name in sample_free_names]
+  if chosen_sf:
+    sample_free = {"indicators": "indicators" in chosen_sf, "one_c_sum": "1c_sum" in chosen_sf,
+                   "supervised": "supervised" in chosen_sf, "odin": "odin_sf" in chosen_sf}
+    if sample_free["one_c_sum"]:
+      sample_free["noise_stats"] = _noise_stats(args, config, model, variables, test_ds)
   start = time.time()
   results, scores = evaluate.evaluate_ood(
       apply_fn, variables, test_ds, ood_sets, simple, config.eval.batch_size, odin=odin,
-      holdout=config.eval.holdout, seed=config.eval.split_seed, progress=not args.no_progress)
+      holdout=config.eval.holdout, seed=config.eval.split_seed, progress=not args.no_progress,
+      model=model, sample_free=sample_free)
   results["config"] = args.config
   results["seconds"] = round(time.time() - start, 1)
   report = evaluate.write_results(results, args.workdir,
@@ -85,6 +96,39 @@ def _evaluate(args, config, model, state, test_ds) -> dict:
   print(report)
   print(f"wrote results.json, results.md and plots/ to {args.workdir}")
   return results
+
+
+def _noise_stats(args, config, model, variables, test_ds) -> dict:
+  """1C-Sum's noise statistics: fitted once per trained model, kept in workdir/noise_stats.json.
+
+  The file is refitted when its settings (N, seed, image shape, normalisation) differ from the
+  config's, or when the checkpoint it was fitted on is newer than it.
+  """
+  from oodjax.detectors import onecsum
+  path = pathlib.Path(args.workdir) / "noise_stats.json"
+  n, seed = int(config.eval.sample_free.noise_n), int(config.eval.sample_free.noise_seed)
+  want = {"n": n, "seed": seed, "image_shape": list(test_ds.image_shape),
+          "input_mean": list(test_ds.mean), "input_std": list(test_ds.std)}
+  checkpoints = pathlib.Path(args.workdir) / "checkpoints"
+  newest = max((p.stat().st_mtime for p in checkpoints.iterdir()), default=0.0) \
+      if checkpoints.is_dir() else 0.0
+  if path.is_file() and path.stat().st_mtime >= newest:
+    stats = onecsum.load_noise_stats(path)
+    if all(_close(stats.get(k), v) for k, v in want.items()):
+      return stats
+  print(f"fitting 1C-Sum noise statistics on {n} uniform-noise images (seed {seed})")
+  stats = onecsum.fit_noise_stats(model, variables, test_ds.image_shape, test_ds.mean,
+                                  test_ds.std, n=n, seed=seed,
+                                  batch_size=config.eval.batch_size)
+  onecsum.save_noise_stats(path, stats)
+  return stats
+
+
+def _close(a, b) -> bool:
+  try:
+    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float)))
+  except (TypeError, ValueError):
+    return False
 
 
 def _cmd_train(args):

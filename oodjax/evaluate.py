@@ -26,7 +26,10 @@ METRIC_COLUMNS = (("fpr95", "FPR@95TPR ↓"), ("detection_error", "Det. err ↓"
 ODIN = "odin"                # tuned on held-out OOD images: the paper's protocol
 ODIN_NO_OOD = "odin_no_ood"  # tuned on held-out ID images alone
 LABELS = {"msp": "Baseline (MSP)", "max_logit": "Max logit", "energy": "Energy",
-          "t1000": "T1000", ODIN: "ODIN (tuned on OOD)", ODIN_NO_OOD: "ODIN (tuned without OOD)"}
+          "t1000": "T1000", ODIN: "ODIN (tuned on OOD)", ODIN_NO_OOD: "ODIN (tuned without OOD)",
+          "1c_sum": "1C-Sum", "supervised": "Supervised (upper bound)",
+          "odin_sf": "ODIN (T=1000, ε=8e-4)"}
+INDICATOR_PREFIX = "ind:"  # rows of single sample-free indicators, e.g. "ind:DMS"
 
 
 def map_batches(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int) -> Any:
@@ -66,6 +69,19 @@ def accuracy(apply_fn: Callable, variables: Any, dataset: ImageDataset,
   return float(np.mean(predictions == dataset.labels))
 
 
+def indicator_scores(model, variables: Any, dataset: ImageDataset, batch_size: int = 500,
+                     which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """Sample-free indicators of every image, from one forward pass per batch.
+
+  Returns:
+    {indicator: [N] float32}, higher = more OOD (`oodjax.detectors.whitebox.indicators`).
+  """
+  from oodjax.detectors import whitebox
+  which = None if which is None else tuple(which)
+  fn = jax.jit(lambda v, x: whitebox.indicators(model, v, x, which=which))
+  return map_batches(lambda x: fn(variables, x), dataset, batch_size)
+
+
 _all_metrics_jit = jax.jit(metrics.all_metrics)
 
 
@@ -80,7 +96,8 @@ def metric_row(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float
 def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
                  ood_sets: Mapping[str, ImageDataset], detectors: Mapping[str, Callable],
                  batch_size: int = 500, *, odin: Mapping[str, Any] | None = None,
-                 holdout: int | None = None, seed: int = 0, progress: bool = False
+                 holdout: int | None = None, seed: int = 0, progress: bool = False,
+                 model=None, sample_free: Mapping[str, Any] | None = None
                  ) -> tuple[dict, dict]:
   """Scores the ID test set and each OOD set with each detector.
 
@@ -99,6 +116,12 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
     holdout: images of each set held out for tuning (None: no split, every image is scored).
     seed: seed of the split.
     progress: show a progress bar.
+    model: the Linen model `apply_fn` runs; needed for the sample-free indicators.
+    sample_free: None, or the sample-free options {"indicators": bool (a row per indicator,
+      named "ind:<NAME>"), "one_c_sum": bool, "supervised": bool (the paper's linear upper
+      bound, fitted on half of each evaluation set), "odin": bool (ODIN at the paper's fixed
+      T = 1000, ε = 8e-4), "noise_stats": the 1C-Sum noise statistics
+      (`onecsum.fit_noise_stats`)}.
 
   Returns:
     (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_sizes", "protocol",
@@ -116,6 +139,10 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
   from oodjax import tuning  # the ODIN machinery, only needed here
 
   n_steps = len(detectors) * (1 + len(ood_sets))
+  if sample_free is not None:
+    if model is None:
+      raise ValueError("the sample-free indicators need the model: pass model=")
+    n_steps += 1 + len(ood_sets)
   if odin is not None:
     n_steps += len(ood_sets) * (bool(odin.get("tuned_on_ood", True)) +
                                 bool(odin.get("tuned_without_ood", True)))
@@ -144,6 +171,10 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
       table[name] = metric_row(s_in, s_out)
       scores[name][det_name] = (s_in, s_out)
       bar.update(1)
+
+  if sample_free is not None:
+    _sample_free_rows(results, scores, model, variables, id_test, ood_sets, splits, sample_free,
+                      batch_size, seed, bar)
 
   if odin is not None:
     x_in = normalize(id_test.images, id_test.mean, id_test.std)
@@ -184,6 +215,52 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
         bar.update(1)
   bar.close()
   return results, scores
+
+
+def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, splits, options,
+                      batch_size, seed, bar) -> None:
+  """Adds the sample-free rows (single indicators, 1C-Sum, supervised bound) to the results."""
+  from oodjax.detectors import onecsum
+  from oodjax.detectors import odin as odin_score
+  from oodjax.detectors import whitebox
+  bar.set_description("indicators on in-distribution")
+  ind_in = indicator_scores(model, variables, id_test, batch_size)
+  names = list(ind_in)
+  bar.update(1)
+  stats = options.get("noise_stats")
+  one_c = jax.jit(lambda s: onecsum.one_c_sum(s, stats))
+  odin_hyper = dict(temperature=whitebox.T1000_TEMPERATURE, epsilon=whitebox.ODIN_EPSILON,
+                    std=tuple(id_test.std))
+  odin_in = (score_dataset(odin_score, _apply_of(model), variables, id_test,
+                           batch_size, **odin_hyper) if options.get("odin") else None)
+  for name, ds in ood_sets.items():
+    bar.set_description(f"indicators on {name}")
+    _, eval_in, _, eval_out = splits[name]
+    ind_out = indicator_scores(model, variables, ds, batch_size)
+    rows = {}
+    if options.get("indicators", True):
+      for ind in names:
+        rows[INDICATOR_PREFIX + ind] = (ind_in[ind][eval_in], ind_out[ind][eval_out])
+    if options.get("odin"):
+      rows["odin_sf"] = (odin_in[eval_in], score_dataset(
+          odin_score, _apply_of(model), variables, ds.take(eval_out), batch_size, **odin_hyper))
+    if options.get("one_c_sum", True):
+      if stats is None:
+        raise ValueError("1C-Sum needs noise statistics: sample_free['noise_stats']")
+      rows["1c_sum"] = (np.asarray(one_c({k: ind_in[k][eval_in] for k in names})),
+                        np.asarray(one_c({k: ind_out[k][eval_out] for k in names})))
+    for row, (s_in, s_out) in rows.items():
+      results["detectors"].setdefault(row, {})[name] = metric_row(s_in, s_out)
+      scores[name][row] = (s_in, s_out)
+    if options.get("supervised"):
+      results["detectors"].setdefault("supervised", {})[name] = onecsum.supervised_upper_bound(
+          {k: ind_in[k][eval_in] for k in names}, {k: ind_out[k][eval_out] for k in names},
+          seed=seed)
+    bar.update(1)
+
+
+def _apply_of(model):
+  return functools.partial(model.apply, train=False)
 
 
 def _fmt_hyper(row: Mapping[str, float], key: str) -> str:

@@ -140,3 +140,32 @@ def test_odin_needs_a_holdout():
     evaluate.evaluate_ood(_linear_apply, variables, _dataset(10, 0), {"o": _dataset(10, 1)}, {},
                           odin=dict(temperatures=(1.0,), epsilons=(0.0,),
                                     no_ood_temperature=1.0))
+
+
+def test_sample_free_rows_and_one_c_sum_by_hand():
+  import functools
+
+  import jax
+
+  from oodjax import models
+  from oodjax.detectors import onecsum
+  model = models.get_model("small_cnn_tiny", num_classes=3)
+  rng = np.random.default_rng(5)
+  id_ds = ImageDataset(rng.integers(0, 255, (30, 8, 8, 1), dtype=np.uint8),
+                       np.zeros(30, np.int32), (0.5,), (0.25,), ("a", "b", "c"), "id")
+  ood_ds = ImageDataset(rng.integers(100, 255, (20, 8, 8, 1), dtype=np.uint8),
+                        np.zeros(20, np.int32), (0.5,), (0.25,), (), "ood")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  stats = onecsum.fit_noise_stats(model, variables, (8, 8, 1), (0.5,), (0.25,), n=64, seed=1,
+                                  batch_size=32)
+  results, scores = evaluate.evaluate_ood(
+      functools.partial(model.apply, train=False), variables, id_ds, {"ood": ood_ds}, {},
+      batch_size=16, holdout=None, model=model,
+      sample_free={"indicators": True, "one_c_sum": True, "noise_stats": stats})
+  assert "ind:DMS" in results["detectors"] and "1c_sum" in results["detectors"]
+  # 1C-Sum by hand: standardise each member indicator with the noise mean/std, then sum.
+  ind_in = evaluate.indicator_scores(model, variables, id_ds, 16)
+  by_hand = sum((ind_in[k].astype(np.float64) - v["mean"]) / v["std"]
+                for k, v in stats["indicators"].items() if v["std"] > 0)
+  np.testing.assert_allclose(scores["ood"]["1c_sum"][0], by_hand, rtol=1e-4, atol=1e-3)
+  np.testing.assert_array_equal(scores["ood"]["ind:DMS"][0], ind_in["DMS"])
