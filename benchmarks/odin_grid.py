@@ -60,7 +60,9 @@ def main() -> None:
   parser.add_argument("--chunk-size", type=int, default=250, help="images per compiled call")
   parser.add_argument("--forward-batch", type=int, default=None,
                       help="configs per lax.map step (default: odin_grid's own choice)")
-  parser.add_argument("--json", default=None, help="also write the numbers to this file")
+  parser.add_argument("--json", default="benchmarks/results/odin_grid.json",
+                      help="where to write the numbers (benchmarks/README.md is generated from "
+                      "it); '' for nowhere")
   args = parser.parse_args()
 
   import torch
@@ -122,6 +124,7 @@ def main() -> None:
         f"{result['ratio_to_floor']:.2f}x  (goal <= 1.2x)")
   print(f"  max |score (1) - score (2)| = {result['max_abs_score_diff']:.2e}")
   if args.json:
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import pathlib
 import statistics
 import time
 
@@ -38,6 +40,9 @@ def main() -> None:
   parser.add_argument("--n", type=int, default=10_000)
   parser.add_argument("--batch-size", type=int, default=500)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--json", default="benchmarks/results/whitebox.json",
+                      help="where to write the numbers (benchmarks/README.md is generated from "
+                      "it); '' for nowhere")
   args = parser.parse_args()
 
   model = get_model(args.model, num_classes=10)
@@ -67,6 +72,13 @@ def main() -> None:
   print(f"plain forward      : {plain:7.3f} s  ({n / plain:8.0f} img/s)")
   print(f"forward+indicators : {full:7.3f} s  ({n / full:8.0f} img/s)")
   print(f"ratio              : {full / plain:7.3f}x  (goal <= 1.3x)")
+  if args.json:
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "model": args.model, "images": n, "batch_size": args.batch_size,
+        "repeats": args.repeats, "backend": jax.default_backend(), "indicators": names,
+        "forward_s": plain, "indicators_s": full, "ratio": full / plain}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

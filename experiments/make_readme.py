@@ -22,7 +22,8 @@ PATTERN = re.compile(r"(<!-- table:(?P<name>[\w/-]+) -->\n)(.*?)(<!-- /table:(?P
 
 def render(name: str) -> str:
   results = json.loads((HERE / name / "results.json").read_text())
-  body = evaluate.markdown_report(results, title=f"`{name}`: {results.get('config', '')}")
+  body = evaluate.markdown_report(results, title=f"`{name}`: {results.get('config', '')}",
+                                  level=3)
   return body.split("\n", 2)[2]  # drop the title line: README sections carry their own
 
 
