@@ -21,7 +21,10 @@ PATTERN = re.compile(r"(<!-- table:(?P<name>[\w/-]+) -->\n)(.*?)(<!-- /table:(?P
 
 
 def render(name: str) -> str:
-  results = json.loads((HERE / name / "results.json").read_text())
+  path = HERE / name / "results.json"
+  if not path.is_file():
+    return f"_Not run yet: no `experiments/{name}/results.json`._\n"
+  results = json.loads(path.read_text())
   body = evaluate.markdown_report(results, title=f"`{name}`: {results.get('config', '')}",
                                   level=3)
   return body.split("\n", 2)[2]  # drop the title line: README sections carry their own
