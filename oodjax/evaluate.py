@@ -148,7 +148,7 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
                                 bool(odin.get("tuned_without_ood", True)))
   bar = tqdm.tqdm(total=n_steps, disable=not progress, unit="step", dynamic_ncols=True)
   results = {"accuracy": accuracy(apply_fn, variables, id_test, batch_size),
-             "num_in": len(id_test),
+             "num_in": len(id_test), "ood_order": list(ood_sets),
              "ood_sizes": {name: len(ds) for name, ds in ood_sets.items()},
              "protocol": {"holdout": holdout, "seed": seed},
              "detectors": {}, "odin_grid": {}}
@@ -263,6 +263,17 @@ def _apply_of(model):
   return functools.partial(model.apply, train=False)
 
 
+def _row_order(det_name: str) -> tuple[int, str]:
+  """Report rows: baselines, ODIN variants, single indicators, then 1C-Sum and the bound."""
+  order = ("msp", "max_logit", "energy", "t1000", "odin_sf", ODIN, ODIN_NO_OOD)
+  if det_name in order:
+    return order.index(det_name), ""
+  if det_name.startswith(INDICATOR_PREFIX):
+    return len(order), det_name
+  return len(order) + 1 + ("1c_sum", "supervised").index(det_name) \
+      if det_name in ("1c_sum", "supervised") else len(order) + 3, det_name
+
+
 def _fmt_hyper(row: Mapping[str, float], key: str) -> str:
   return f"{row[key]:g}" if key in row else "–"
 
@@ -277,13 +288,13 @@ def markdown_report(results: dict, title: str = "OOD detection", level: int = 2)
            f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
            f"{results['num_in']} images. Metrics in %; in-distribution is the positive class; "
            f"scores are higher for more OOD inputs.{split}", ""]
-  ood_names = list(results["ood_sizes"])
+  ood_names = results.get("ood_order", list(results["ood_sizes"]))
   header = ("| detector | " + " | ".join(label for _, label in METRIC_COLUMNS) + " | T | ε |")
   for ood in ood_names:
     lines += [f"{hashes}# {ood} ({results['ood_sizes'][ood]} images)", "", header,
               "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
-    for det_name, table in results["detectors"].items():
-      row = table[ood]
+    for det_name in sorted(results["detectors"], key=_row_order):
+      row = results["detectors"][det_name][ood]
       cells = " | ".join(f"{100 * row[key]:.2f}" for key, _ in METRIC_COLUMNS)
       lines.append(f"| {LABELS.get(det_name, det_name)} | {cells} | "
                    f"{_fmt_hyper(row, 'temperature')} | {_fmt_hyper(row, 'epsilon')} |")

@@ -25,7 +25,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  # Key order is kept: results list detectors and OOD sets in the order they were run.
+  atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextlib.contextmanager
