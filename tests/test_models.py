@@ -11,7 +11,7 @@ import pytest
 from oodjax.models import MODELS, get_model
 
 FULL_SIZE = ["resnet18", "resnet34", "resnet50", "wrn28_10", "wrn40_4", "densenet_bc100",
-             "vgg16", "alexnet"]
+             "densenet121", "vgg16", "alexnet"]
 TINY = ["small_cnn_tiny", "resnet_tiny", "wrn_tiny", "densenet_tiny", "vgg_tiny", "alexnet_tiny"]
 
 # Published CIFAR-10 parameter counts (K = 10): ResNets as in the usual CIFAR ports of the
@@ -25,6 +25,10 @@ PUBLISHED_PARAMS = {
     "wrn28_10": 36.5e6,
     "wrn40_4": 8.9e6,
     "densenet_bc100": 0.77e6,
+    # torchvision's DenseNet-121 has 7,978,856: minus its 1024 -> 1000 head (1,025,000), plus a
+    # 1024 -> 10 head (10,250), minus the 7x7 stem conv and its BatchNorm (9,408 + 128), plus
+    # the 3x3 CIFAR stem (1,728).
+    "densenet121": 6_956_298,
     "vgg16": 14.72e6,
 }
 HAND_COUNTED_PARAMS = {

@@ -35,6 +35,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn28_10": partial(WideResNet, depth=28, widen_factor=10),
     "wrn40_4": partial(WideResNet, depth=40, widen_factor=4),
     "densenet_bc100": partial(DenseNet, depth=100, growth_rate=12, compression=0.5),
+    # DenseNet-121's stages and growth rate with the CIFAR stem (3x3 conv, no max-pool), as the
+    # sample-free paper trains it on CIFAR.
+    "densenet121": partial(DenseNet, stage_sizes=(6, 12, 24, 16), growth_rate=32,
+                           compression=0.5),
     "vgg16": VGG,
     "alexnet": AlexNet,
     # Tiny variants: same code paths (BN, projections, dropout), a few thousand parameters.

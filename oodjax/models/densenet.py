@@ -64,22 +64,27 @@ class DenseNet(nn.Module):
     depth: 6n + 4 for n bottleneck layers per stage (100 -> 16 layers per stage).
     growth_rate: k.
     compression: theta, the fraction of channels a transition keeps (rounded down).
+    stage_sizes: layers per dense stage, overriding `depth` (DenseNet-121: (6, 12, 24, 16)
+      with k = 32); None derives three equal stages from `depth`.
   """
   num_classes: int
   depth: int = 100
   growth_rate: int = 12
   compression: float = 0.5
+  stage_sizes: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
-    if (self.depth - 4) % 6:
-      raise ValueError(f"DenseNet-BC depth must be 6n + 4, got {self.depth}")
-    num_layers = (self.depth - 4) // 6
+    stages = self.stage_sizes
+    if stages is None:
+      if (self.depth - 4) % 6:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4, got {self.depth}")
+      stages = (((self.depth - 4) // 6),) * 3
     x = _conv(2 * self.growth_rate, 3)(x)
-    for i in range(3):
+    for i, num_layers in enumerate(stages):
       x = DenseStage(num_layers, self.growth_rate)(x, train)
-      if i < 2:
+      if i < len(stages) - 1:
         x = Transition(int(x.shape[-1] * self.compression))(x, train)
     x = NormReLU()(x, train)  # the feature map the head pools
     return nn.Dense(self.num_classes)(global_avg_pool(x))  # [B, D] -> [B, K]
