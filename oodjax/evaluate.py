@@ -181,20 +181,8 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
     grid_args = dict(std=id_test.std, holdout=holdout, seed=seed,
                      chunk_size=int(odin.get("chunk_size", 250)))
     if odin.get("tuned_on_ood", True):
-      table = results["detectors"][ODIN] = {}
-      for name, ds in ood_sets.items():
-        bar.set_description(f"ODIN grid on {name}")
-        tuned = tuning.tune_odin(apply_fn, variables, x_in, normalize(ds.images, ds.mean, ds.std),
-                                 temperatures=odin["temperatures"], epsilons=odin["epsilons"],
-                                 **grid_args)
-        table[name] = {**tuned["metrics"], "temperature": tuned["temperature"],
-                       "epsilon": tuned["epsilon"], "tune_fpr95": tuned["tune_fpr95"]}
-        results["odin_grid"][name] = {"temperatures": [float(t) for t in odin["temperatures"]],
-                                      "epsilons": [float(e) for e in odin["epsilons"]],
-                                      "fpr95": np.asarray(tuned["grid_fpr95"]).tolist(),
-                                      "chosen": [tuned["t_index"], tuned["e_index"]]}
-        scores[name][ODIN] = (tuned["scores_in"], tuned["scores_out"])
-        bar.update(1)
+      _odin_tuned_on_ood(results, scores, apply_fn, variables, x_in, ood_sets, splits, odin,
+                         id_test.std, bar)
     if odin.get("tuned_without_ood", True):
       bar.set_description("ODIN tuned without OOD")
       tuned = tuning.tune_odin_without_ood(
@@ -205,7 +193,7 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
       hyper = dict(temperature=tuned["temperature"], epsilon=tuned["epsilon"],
                    std=tuple(id_test.std))
       for name, ds in ood_sets.items():
-        _, eval_in, _, eval_out = splits[name]
+        eval_out = splits[name][3]
         s_in = tuned["scores_in"]  # the same evaluation ID images as every other row
         s_out = score_dataset(odin_score, apply_fn, variables, ds.take(eval_out), batch_size,
                               **hyper)
@@ -215,6 +203,49 @@ def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
         bar.update(1)
   bar.close()
   return results, scores
+
+
+def _odin_tuned_on_ood(results, scores, apply_fn, variables, x_in, ood_sets, splits, odin, std,
+                       bar) -> None:
+  """ODIN rows tuned with the paper's protocol (as `tuning.tune_odin`, sharing work across sets).
+
+  The held-out ID images are the same for every OOD set (`tuning.split_holdout`'s ID split
+  depends only on the ID size, holdout and seed), so their [T, E] grid is scored once; each OOD
+  set adds the grid of its own held-out images and one (T, ε) on its evaluation images.
+  """
+  from oodjax import sweep, tuning
+  temperatures = np.asarray(odin["temperatures"], np.float64)
+  epsilons = np.asarray(odin["epsilons"], np.float64)
+  grid_args = dict(std=std, chunk_size=int(odin.get("chunk_size", 250)))
+  tune_in, eval_in = next(iter(splits.values()))[:2]
+  bar.set_description("ODIN grid on held-out in-distribution")
+  grid_in = sweep.odin_grid(apply_fn, variables, x_in[tune_in], temperatures, epsilons,
+                            **grid_args)  # [T, E, holdout]
+  eval_in_scores = {}  # (t, e) -> ODIN scores of the evaluation ID images
+  table = results["detectors"][ODIN] = {}
+  for name, ds in ood_sets.items():
+    bar.set_description(f"ODIN grid on {name}")
+    _, _, tune_out, eval_out = splits[name]
+    x_out = normalize(ds.images, ds.mean, ds.std)
+    grid_out = sweep.odin_grid(apply_fn, variables, x_out[tune_out], temperatures, epsilons,
+                               **grid_args)
+    chosen = tuning.select_from_scores(grid_in, grid_out, temperatures, epsilons)
+    t, e = chosen["t_index"], chosen["e_index"]
+    one_t, one_e = temperatures[t:t + 1], epsilons[e:e + 1]
+    if (t, e) not in eval_in_scores:
+      eval_in_scores[t, e] = sweep.odin_grid(apply_fn, variables, x_in[eval_in], one_t, one_e,
+                                             **grid_args)[0, 0]
+    s_in = eval_in_scores[t, e]
+    s_out = sweep.odin_grid(apply_fn, variables, x_out[eval_out], one_t, one_e,
+                            **grid_args)[0, 0]
+    table[name] = {**metric_row(s_in, s_out), "temperature": chosen["temperature"],
+                   "epsilon": chosen["epsilon"], "tune_fpr95": chosen["tune_fpr95"]}
+    results["odin_grid"][name] = {"temperatures": temperatures.tolist(),
+                                  "epsilons": epsilons.tolist(),
+                                  "fpr95": np.asarray(chosen["grid_fpr95"]).tolist(),
+                                  "chosen": [t, e]}
+    scores[name][ODIN] = (s_in, s_out)
+    bar.update(1)
 
 
 def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, splits, options,

@@ -169,3 +169,28 @@ def test_sample_free_rows_and_one_c_sum_by_hand():
                 for k, v in stats["indicators"].items() if v["std"] > 0)
   np.testing.assert_allclose(scores["ood"]["1c_sum"][0], by_hand, rtol=1e-4, atol=1e-3)
   np.testing.assert_array_equal(scores["ood"]["ind:DMS"][0], ind_in["DMS"])
+
+
+def test_shared_id_grid_gives_what_tune_odin_gives():
+  """evaluate scores the held-out ID grid once for all OOD sets; per set, the choice and the
+  metrics must equal `tuning.tune_odin`, which recomputes everything for that set."""
+  from oodjax import tuning
+  from oodjax.data.core import normalize
+  rng = np.random.default_rng(1)
+  variables = {"w": jnp.asarray(rng.normal(size=(16, 3)), jnp.float32)}
+  id_ds = _dataset(50, 1)
+  oods = {"near": _dataset(40, 2, shift=20), "far": _dataset(45, 3, shift=80)}
+  odin = dict(temperatures=(1.0, 10.0, 1000.0), epsilons=(0.0, 0.002, 0.004),
+              no_ood_temperature=1000.0, chunk_size=16, tuned_without_ood=False)
+  results, _ = evaluate.evaluate_ood(_linear_apply, variables, id_ds, oods, {}, 16, odin=odin,
+                                     holdout=15, seed=2)
+  x_in = normalize(id_ds.images, id_ds.mean, id_ds.std)
+  for name, ds in oods.items():
+    ref = tuning.tune_odin(_linear_apply, variables, x_in,
+                           normalize(ds.images, id_ds.mean, id_ds.std), std=id_ds.std,
+                           temperatures=odin["temperatures"], epsilons=odin["epsilons"],
+                           holdout=15, seed=2, chunk_size=16)
+    row = results["detectors"]["odin"][name]
+    assert (row["temperature"], row["epsilon"]) == (ref["temperature"], ref["epsilon"])
+    for key, value in ref["metrics"].items():
+      assert row[key] == pytest.approx(value, abs=1e-6)
