@@ -54,11 +54,29 @@ def score_dataset(detector: Callable, apply_fn: Callable, variables: Any,
                   dataset: ImageDataset, batch_size: int = 500, **hyper) -> np.ndarray:
   """Scores every image of `dataset` with `detector(apply_fn, variables, x, **hyper)`.
 
+  `detector`, `apply_fn` and the `hyper` values are static (hashable: pass `std` as a tuple);
+  calls with the same ones reuse one compiled program.
+
   Returns:
     [N] float32 scores, higher = more out-of-distribution.
   """
-  fn = jax.jit(functools.partial(detector, apply_fn, **hyper))
-  return map_batches(lambda x: fn(variables, x), dataset, batch_size)
+  static = tuple(sorted(hyper.items()))
+  return map_batches(lambda x: _score_batch(variables, x, detector=detector, apply_fn=apply_fn,
+                                            hyper=static), dataset, batch_size)
+
+
+# Module-level jits with the detector, network and hyperparameters static: scoring the ID set
+# and every OOD set with the same detector reuses one compiled program instead of compiling a
+# fresh jit wrapper per dataset.
+@functools.partial(jax.jit, static_argnames=("detector", "apply_fn", "hyper"))
+def _score_batch(variables, x, *, detector, apply_fn, hyper):
+  return detector(apply_fn, variables, x, **dict(hyper))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "which"))
+def _indicator_batch(variables, x, *, model, which):
+  from oodjax.detectors import whitebox
+  return whitebox.indicators(model, variables, x, which=which)
 
 
 def accuracy(apply_fn: Callable, variables: Any, dataset: ImageDataset,
@@ -76,10 +94,9 @@ def indicator_scores(model, variables: Any, dataset: ImageDataset, batch_size: i
   Returns:
     {indicator: [N] float32}, higher = more OOD (`oodjax.detectors.whitebox.indicators`).
   """
-  from oodjax.detectors import whitebox
   which = None if which is None else tuple(which)
-  fn = jax.jit(lambda v, x: whitebox.indicators(model, v, x, which=which))
-  return map_batches(lambda x: fn(variables, x), dataset, batch_size)
+  return map_batches(lambda x: _indicator_batch(variables, x, model=model, which=which),
+                     dataset, batch_size)
 
 
 _all_metrics_jit = jax.jit(metrics.all_metrics)
@@ -262,7 +279,8 @@ def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, spli
   one_c = jax.jit(lambda s: onecsum.one_c_sum(s, stats))
   odin_hyper = dict(temperature=whitebox.T1000_TEMPERATURE, epsilon=whitebox.ODIN_EPSILON,
                     std=tuple(id_test.std))
-  odin_in = (score_dataset(odin_score, _apply_of(model), variables, id_test,
+  apply_fn = functools.partial(model.apply, train=False)  # one object: one compiled program
+  odin_in = (score_dataset(odin_score, apply_fn, variables, id_test,
                            batch_size, **odin_hyper) if options.get("odin") else None)
   for name, ds in ood_sets.items():
     bar.set_description(f"indicators on {name}")
@@ -274,7 +292,7 @@ def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, spli
         rows[INDICATOR_PREFIX + ind] = (ind_in[ind][eval_in], ind_out[ind][eval_out])
     if options.get("odin"):
       rows["odin_sf"] = (odin_in[eval_in], score_dataset(
-          odin_score, _apply_of(model), variables, ds.take(eval_out), batch_size, **odin_hyper))
+          odin_score, apply_fn, variables, ds.take(eval_out), batch_size, **odin_hyper))
     if options.get("one_c_sum", True):
       if stats is None:
         raise ValueError("1C-Sum needs noise statistics: sample_free['noise_stats']")
@@ -288,10 +306,6 @@ def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, spli
           {k: ind_in[k][eval_in] for k in names}, {k: ind_out[k][eval_out] for k in names},
           seed=seed)
     bar.update(1)
-
-
-def _apply_of(model):
-  return functools.partial(model.apply, train=False)
 
 
 def _row_order(det_name: str) -> tuple[int, str]:
