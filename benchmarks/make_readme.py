@@ -1,6 +1,6 @@
 """Regenerates the numbers in benchmarks/README.md from benchmarks/results/*.json.
 
-  python benchmarks/make_readme.py
+  python -m benchmarks.make_readme
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ODIN's full 10 x 21 (T, ε) grid: oodjax `odin_grid` vs the released per-configuration
 procedure in PyTorch vs the compute floor, on the same weights, images and CPU threads.
 
-  .venv/bin/python benchmarks/odin_grid.py [--images 1000] [--workdir runs/fmnist_small_cnn]
+  .venv/bin/python -m benchmarks.odin_grid [--images 1000] [--workdir runs/fmnist_small_cnn]
 
 (1) oodjax `odin_grid`: T backward passes, then T·E forwards, one compiled program.
 (2) the released procedure (forward, backward, forward for every (T, ε)), batched, in PyTorch on
@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import torch_twin  # noqa: E402  (the twin lives beside this script)
+from benchmarks import torch_twin
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -67,9 +66,8 @@ def main() -> None:
 
   import torch
   from oodjax import data, models
-  from oodjax.detectors.softmax import odin_perturbation
-  from oodjax.sweep import odin_grid
-  from oodjax.tuning import PAPER_EPSILONS, PAPER_TEMPERATURES
+  from oodjax.detectors.odin import PAPER_EPSILONS, PAPER_TEMPERATURES, odin_grid
+  from oodjax.detectors.odin import odin_perturbation
 
   threads = os.cpu_count()
   torch.set_num_threads(threads)
@@ -77,7 +75,7 @@ def main() -> None:
   x = data.normalize(ds.images, ds.mean, ds.std)  # [B, 28, 28, 1]
   model = models.get_model("small_cnn", num_classes=10)
   variables = _load_variables(model, args.workdir, jnp.zeros((1, *ds.image_shape)))
-  apply_fn = functools.partial(model.apply, train=False)
+  apply_fn = models.inference_apply(model)
   temps, eps = np.asarray(PAPER_TEMPERATURES, np.float32), np.asarray(PAPER_EPSILONS, np.float32)
   n_t, n_e = len(temps), len(eps)
   grid_kwargs = dict(std=ds.std, chunk_size=args.chunk_size)

@@ -1,12 +1,12 @@
 """Cost of all sample-free white-box indicators (but ODIN) relative to a plain forward pass.
 
-    .venv/bin/python benchmarks/whitebox.py            # small_cnn, 10,000 28x28x1 images
-    .venv/bin/python benchmarks/whitebox.py --model small_cnn_tiny --n 2000   # quick look
+    .venv/bin/python -m benchmarks.whitebox            # small_cnn, 10,000 28x28x1 images
+    .venv/bin/python -m benchmarks.whitebox --model small_cnn_tiny --n 2000   # quick look
 
 Both functions are jitted, warmed up, then timed side by side: each repeat runs the plain
 forward and the indicator pass over the same N images (batches of `--batch-size`) back to
 back, alternating which goes first, and the medians of the repeats are compared. The
-indicator pass is `oodjax.detectors.whitebox.indicators` with every indicator it computes
+indicator pass is `oodjax.detectors.sample_free.whitebox.indicators` with every indicator it computes
 (MP, H, T1000, the 8 latent ones, DMS/DMS-AOS/DSS/DSS-EXT and the 4 IN- ones) from one
 forward pass; the paper's goal is "little additional cost" (we aim for <= 1.3x).
 Runtime: about a minute on 2 CPU cores (untrained weights: speed does not depend on them).
@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from oodjax.detectors.whitebox import indicators
+from oodjax.detectors.sample_free.whitebox import indicators
 from oodjax.models import get_model
 
 

@@ -50,10 +50,13 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=500,
       ood_sets=EMBEDDED_OOD,
-      detectors=("msp", "odin", "odin_no_ood", "1c_sum"),
+      # Registry names (oodjax.detectors.REGISTRY); rows are reported in the registry's order.
+      detectors=("msp", "odin_tuned_on_ood", "odin_tuned_without_ood", "1c_sum"),
       ood_seed=0,  # seed of the generated noise sets
       # Images per OOD set (None: all; generated sets default to the ID test size).
       ood_size=ml_collections.FieldReference(None, field_type=int),
+      # In-distribution test images scored (None: the whole test split).
+      id_size=ml_collections.FieldReference(None, field_type=int),
       # The ODIN paper's protocol: this many images of each set are held out for tuning, and
       # every detector is reported on the rest.
       holdout=1000,

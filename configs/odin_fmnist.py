@@ -27,7 +27,7 @@ from oodjax.config import load_config
 def get_config(arg=None):
   base = pathlib.Path(__file__).with_name("fmnist_small_cnn.py")
   config = load_config(str(base) + (f":{arg}" if arg else ""))
-  config.eval.detectors = ("msp", "t1000", "odin", "odin_no_ood")
+  config.eval.detectors = ("msp", "t1000", "odin_tuned_on_ood", "odin_tuned_without_ood")
   if arg == "smoke":  # keep the smoke variant's two-point grid
     return config
   config.eval.odin.temperatures = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)

@@ -72,7 +72,7 @@ def get_config(arg=None):
   config.eval.batch_size = 250
   config.eval.ood_size = 10_000
   config.eval.holdout = None
-  config.eval.detectors = ("msp", "odin_sf", "indicators", "1c_sum", "supervised")
+  config.eval.detectors = ("msp", "odin_fixed", "indicators", "1c_sum", "supervised")
   config.eval.ood_sets = ("embedded/gaussian_noise:32x32x3", "tfds/svhn_cropped",
                           "folder/data/odin/Imagenet_resize", "folder/data/odin/LSUN_resize")
   return config

@@ -3,8 +3,8 @@
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` and is rendered from
 `experiments/NAME/results.json`; nothing in a table is typed by hand.
 
-  python experiments/make_readme.py          # rewrite the tables
-  python experiments/make_readme.py --check  # exit 1 if README.md is out of date
+  python -m experiments.make_readme          # rewrite the tables
+  python -m experiments.make_readme --check  # exit 1 if README.md is out of date
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pathlib
 import re
 import sys
 
-from oodjax import evaluate
+from oodjax import report
 
 HERE = pathlib.Path(__file__).resolve().parent
 PATTERN = re.compile(r"(<!-- table:(?P<name>[\w/-]+) -->\n)(.*?)(<!-- /table:(?P=name) -->)",
@@ -25,7 +25,7 @@ def render(name: str) -> str:
   if not path.is_file():
     return f"_Not run yet: no `experiments/{name}/results.json`._\n"
   results = json.loads(path.read_text())
-  body = evaluate.markdown_report(results, title=f"`{name}`: {results.get('config', '')}",
+  body = report.markdown_report(results, title=f"`{name}`: {results.get('config', '')}",
                                   level=3)
   return body.split("\n", 2)[2]  # drop the title line: README sections carry their own
 
@@ -36,7 +36,7 @@ def main(argv) -> int:
   new = PATTERN.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
   if "--check" in argv:
     if new != text:
-      print("experiments/README.md is out of date: run python experiments/make_readme.py")
+      print("experiments/README.md is out of date: run python -m experiments.make_readme")
       return 1
     return 0
   readme.write_text(new)

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 workdir=${WORKDIR:-runs/experiments_baseline}
 WORKDIR=$workdir bash scripts/main.sh --no-progress
 cp "$workdir/results.json" "$workdir/results.md" "$workdir/metrics.jsonl" experiments/baseline/
-.venv/bin/python experiments/make_readme.py
+.venv/bin/python -m experiments.make_readme

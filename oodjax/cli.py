@@ -9,12 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import functools
+import os
 import pathlib
 import sys
 import time
-
-import numpy as np
 
 
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +33,8 @@ def _load_experiment(args):
   from oodjax.config import load_config
 
   config = load_config(args.config, args.overrides)
+  from oodjax.evaluate import check_plan  # a bad detector list fails now, not after training
+  check_plan(config.eval.detectors, _registry(), config.eval.holdout)
   train_ds = data.load(config.dataset, "train", seed=config.seed, data_dir=args.data_dir)
   test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=args.data_dir)
   if config.get("train_size"):
@@ -45,90 +45,27 @@ def _load_experiment(args):
   return config, model, train_ds, test_ds
 
 
+def _registry():
+  from oodjax.detectors import REGISTRY
+  return REGISTRY
+
+
 def _train(args, config, model, train_ds, test_ds):
   from oodjax.train.classifier import train_classifier
   return train_classifier(config, args.workdir, model=model, train_ds=train_ds,
                           eval_ds=test_ds, progress=not args.no_progress)
 
 
-def _evaluate(args, config, model, state, test_ds) -> dict:
-  from oodjax import data, detectors, evaluate
+def _evaluate(args, config, model, state) -> None:
+  from oodjax.evaluate import run_evaluation
 
-  ood_sets = {}
-  for name in config.eval.ood_sets:
-    ds = data.load(name, "test", seed=config.eval.ood_seed, data_dir=args.data_dir,
-                   size=config.eval.get("ood_size"))
-    data.check_compatible(test_ds, ds)
-    ood_sets[name] = ds
-  odin_names = (evaluate.ODIN, evaluate.ODIN_NO_OOD)
-  sample_free_names = ("indicators", "1c_sum", "supervised", "odin_sf")
-  known = sorted(detectors.DETECTORS) + list(odin_names) + list(sample_free_names)
-  unknown = [d for d in config.eval.detectors if d not in known]
-  if unknown:
-    raise ValueError(f"unknown detectors {unknown}; known: {known}")
-  simple = {name: detectors.DETECTORS[name] for name in config.eval.detectors
-            if name in detectors.DETECTORS}
-  odin = None
-  if any(name in odin_names for name in config.eval.detectors):
-    odin = dict(config.eval.odin)
-    odin["tuned_on_ood"] = evaluate.ODIN in config.eval.detectors
-    odin["tuned_without_ood"] = evaluate.ODIN_NO_OOD in config.eval.detectors
-  apply_fn = functools.partial(model.apply, train=False)
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  sample_free = None
-  chosen_sf = [name for name in config.eval.detectors if name in sample_free_names]
-  if chosen_sf:
-    sample_free = {"indicators": "indicators" in chosen_sf, "one_c_sum": "1c_sum" in chosen_sf,
-                   "supervised": "supervised" in chosen_sf, "odin": "odin_sf" in chosen_sf}
-    if sample_free["one_c_sum"]:
-      sample_free["noise_stats"] = _noise_stats(args, config, model, variables, test_ds)
-  start = time.time()
-  results, scores = evaluate.evaluate_ood(
-      apply_fn, variables, test_ds, ood_sets, simple, config.eval.batch_size, odin=odin,
-      holdout=config.eval.holdout, seed=config.eval.split_seed, progress=not args.no_progress,
-      model=model, sample_free=sample_free)
-  results["config"] = args.config
-  results["seconds"] = round(time.time() - start, 1)
-  report = evaluate.write_results(results, args.workdir,
-                                  title=f"{config.model} on {config.dataset}", scores=scores)
-  print(report)
-  print(f"wrote results.json, results.md and plots/ to {args.workdir}")
-  return results
-
-
-def _noise_stats(args, config, model, variables, test_ds) -> dict:
-  """1C-Sum's noise statistics: fitted once per trained model, kept in workdir/noise_stats.json.
-
-  The file is refitted when its settings (N, seed, image shape, normalisation) differ from the
-  config's, or when the checkpoint it was fitted on is newer than it.
-  """
-  from oodjax.detectors import onecsum
-  path = pathlib.Path(args.workdir) / "noise_stats.json"
-  n, seed = int(config.eval.sample_free.noise_n), int(config.eval.sample_free.noise_seed)
-  want = {"n": n, "seed": seed, "image_shape": list(test_ds.image_shape),
-          "input_mean": list(test_ds.mean), "input_std": list(test_ds.std)}
-  checkpoints = pathlib.Path(args.workdir) / "checkpoints"
-  newest = max((p.stat().st_mtime for p in checkpoints.iterdir()), default=0.0) \
-      if checkpoints.is_dir() else 0.0
-  if path.is_file() and path.stat().st_mtime >= newest:
-    stats = onecsum.load_noise_stats(path)
-    if all(_close(stats.get(k), v) for k, v in want.items()):
-      return stats
-  print(f"fitting 1C-Sum noise statistics on {n} uniform-noise images (seed {seed})")
-  stats = onecsum.fit_noise_stats(model, variables, test_ds.image_shape, test_ds.mean,
-                                  test_ds.std, n=n, seed=seed,
-                                  batch_size=config.eval.batch_size)
-  onecsum.save_noise_stats(path, stats)
-  return stats
-
-
-def _close(a, b) -> bool:
-  try:
-    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float)))
-  except (TypeError, ValueError):
-    return False
+  run_evaluation(config, args.workdir, model, variables, data_dir=args.data_dir,
+                 progress=not args.no_progress, config_name=args.config)
+  print((pathlib.Path(args.workdir) / "results.md").read_text())
+  print(f"wrote results.json, results.md, plots/ and detectors/ to {args.workdir}")
 
 
 def _cmd_train(args):
@@ -138,8 +75,12 @@ def _cmd_train(args):
 
 def _cmd_run(args):
   config, model, train_ds, test_ds = _load_experiment(args)
+  start = time.time()
   state, _ = _train(args, config, model, train_ds, test_ds)
-  _evaluate(args, config, model, state, test_ds)
+  trained = time.time()
+  _evaluate(args, config, model, state)
+  print(f"time per stage: training {trained - start:.0f} s (0 when resumed from a finished run),"
+        f" evaluation {time.time() - trained:.0f} s")
 
 
 def _cmd_evaluate(args):
@@ -147,7 +88,7 @@ def _cmd_evaluate(args):
   config, model, train_ds, test_ds = _load_experiment(args)
   state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
                               restore_only=True)
-  _evaluate(args, config, model, state, test_ds)
+  _evaluate(args, config, model, state)
 
 
 def _cmd_data_list(args):
@@ -185,10 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Runs a command; a user error (a ValueError or a missing file) is one line, exit status 2.
+
+  Anything else is a bug and keeps its traceback. OODJAX_DEBUG=1 shows the traceback of user
+  errors too.
+  """
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:
+    if os.environ.get("OODJAX_DEBUG"):
+      raise
     print(f"oodjax: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -28,8 +28,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: the file has no `get_config`, or an override is malformed.
-    KeyError / AttributeError: an override names a key the config does not have.
+    ValueError: the file has no `get_config`, an override is malformed or of the wrong type.
+    ValueError: an override names a key the config does not have (a user error, reported as
+      one line by the CLI, like every ValueError).
   """
   path_str, _, arg = spec.partition(":")
   path = pathlib.Path(path_str)
@@ -64,12 +65,15 @@ def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
   node = config
   for i, name in enumerate(parents):
     if name not in node:
-      raise KeyError(f"config has no key {'.'.join(parents[:i + 1])!r} "
+      raise ValueError(f"config has no key {'.'.join(parents[:i + 1])!r} "
                      f"(known: {', '.join(sorted(node.keys()))})")
     node = node[name]
   if leaf not in node:
-    raise KeyError(f"config has no key {dotted!r} (known at that level: "
+    raise ValueError(f"config has no key {dotted!r} (known at that level: "
                    f"{', '.join(sorted(node.keys()))})")
   if isinstance(node[leaf], tuple) and isinstance(value, list):
     value = tuple(value)
-  node[leaf] = value
+  try:
+    node[leaf] = value
+  except TypeError as e:  # a value of the wrong type is the user's error, not a bug
+    raise ValueError(f"override {dotted}={value!r}: {e}") from e

@@ -1,15 +1,37 @@
-"""Scoring datasets with detectors and turning scores into OOD results: JSON, Markdown, PNGs.
+"""Evaluation: fit the registry's detectors, score every dataset, return the rows of a report.
 
-`evaluate_ood` runs a list of detectors on the in-distribution test set against each OOD set.
-With `holdout` set, every OOD set is split as in the ODIN paper's protocol (`tuning.split_holdout`:
-`holdout` images of each set are held out for tuning) and EVERY detector is reported on the same
-remaining images, so tuned and untuned detectors are compared on equal terms. ODIN is tuned on
-the held-out part with OOD data (the paper's protocol) and, separately labelled, without any.
+    results, scores = evaluate_ood(model, variables, id_test, ood_sets, ["msp", "1c_sum"])
+    results = run_evaluation(config, workdir, model, variables)  # what `oodjax evaluate` runs
+
+The protocol, in order:
+
+1. Splits. With `holdout` set, `holdout` images of the ID test set and of each OOD set are held
+   out (`oodjax.detectors.odin.tuning.split_holdout`, the ODIN paper's protocol; the ID split
+   depends only on the ID size, holdout and seed, so it is shared by every OOD set) and EVERY
+   row is reported on the remaining images, tuned or not. Without a holdout every image is
+   scored; a detector that needs held-out data is then fitted on a random half of each set and
+   reported on the other half if its entry allows it (the sample-free paper's supervised
+   protocol), and is an error otherwise.
+2. Fits. Each entry's `fit` gets a `FitData` holding only what its `sees` declares. Fitted
+   states of the entries that see data are saved under `state_dir` as JSON with a record of
+   what they were fitted on (the weights' hash, the options, the data), and reused while that
+   record matches exactly; anything else is refitted and overwritten.
+3. Scores. Every requested entry is scored by ONE compiled program per (model, batch shape)
+   and group: `_score_rows`, jitted with the model and the score functions static and the
+   states traced. One program serves the ID set and every OOD set, and every hyperparameter
+   value. Entries fitted per OOD set form a second group (their state changes with the set,
+   so they re-score the ID images per set). XLA merges the forward passes the rows share.
+4. Rows. `metrics.all_metrics` of each row on each OOD set, with the fit's info (ODIN's T, ε).
+
+`oodjax.report` renders the results (Markdown, plots, JSON) and imports no JAX.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import pathlib
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -17,365 +39,387 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from oodjax import io
-from oodjax import metrics
+from oodjax import fileio, metrics
+from oodjax.batching import map_padded
 from oodjax.data.core import ImageDataset, normalize
+from oodjax.detectors.odin.tuning import split_holdout
+from oodjax.detectors.protocol import (HELDOUT_ID, HELDOUT_OOD, ID_TRAIN, Detector, FitData,
+                                       SEES)
+from oodjax.detectors.registry import REGISTRY
+from oodjax.detectors.sample_free.supervised import paper_halves
+from oodjax.models.insides import inference_apply
 
-METRIC_COLUMNS = (("fpr95", "FPR@95TPR ↓"), ("detection_error", "Det. err ↓"),
-                  ("auroc", "AUROC ↑"), ("aupr_in", "AUPR-in ↑"), ("aupr_out", "AUPR-out ↑"))
-ODIN = "odin"                # tuned on held-out OOD images: the paper's protocol
-ODIN_NO_OOD = "odin_no_ood"  # tuned on held-out ID images alone
-LABELS = {"msp": "Baseline (MSP)", "max_logit": "Max logit", "energy": "Energy",
-          "t1000": "T1000", ODIN: "ODIN (tuned on OOD)", ODIN_NO_OOD: "ODIN (tuned without OOD)",
-          "1c_sum": "1C-Sum", "supervised": "Supervised (upper bound)",
-          "odin_sf": "ODIN (T=1000, ε=8e-4)"}
-INDICATOR_PREFIX = "ind:"  # rows of single sample-free indicators, e.g. "ind:DMS"
-
-
-def map_batches(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int) -> Any:
-  """Applies a jitted `fn(x [B, H, W, C]) -> pytree of [B, ...]` over a dataset in batches.
-
-  The last batch is padded to `batch_size` so `fn` compiles once; padding is cut off again.
-  Returns the per-example outputs concatenated on the host as numpy arrays.
-  """
-  n = len(dataset)
-  outputs = []
-  for start in range(0, n, batch_size):
-    images = dataset.images[start:start + batch_size]
-    valid = images.shape[0]
-    if valid < batch_size:
-      images = np.concatenate([images, np.repeat(images[-1:], batch_size - valid, 0)])
-    out = fn(normalize(images, dataset.mean, dataset.std))
-    outputs.append(jax.tree.map(lambda a, v=valid: np.asarray(a)[:v], out))
-  return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+_STATE_FORMAT = "oodjax-detector-state"
+_STATE_VERSION = 1
 
 
-def score_dataset(detector: Callable, apply_fn: Callable, variables: Any,
-                  dataset: ImageDataset, batch_size: int = 500, **hyper) -> np.ndarray:
-  """Scores every image of `dataset` with `detector(apply_fn, variables, x, **hyper)`.
-
-  `detector`, `apply_fn` and the `hyper` values are static (hashable: pass `std` as a tuple);
-  calls with the same ones reuse one compiled program.
-
-  Returns:
-    [N] float32 scores, higher = more out-of-distribution.
-  """
-  static = tuple(sorted(hyper.items()))
-  return map_batches(lambda x: _score_batch(variables, x, detector=detector, apply_fn=apply_fn,
-                                            hyper=static), dataset, batch_size)
+# --- Compiled pieces: keyed on the (hashable) model and score functions, never on closures --
 
 
-# Module-level jits with the detector, network and hyperparameters static: scoring the ID set
-# and every OOD set with the same detector reuses one compiled program instead of compiling a
-# fresh jit wrapper per dataset.
-@functools.partial(jax.jit, static_argnames=("detector", "apply_fn", "hyper"))
-def _score_batch(variables, x, *, detector, apply_fn, hyper):
-  return detector(apply_fn, variables, x, **dict(hyper))
+@functools.partial(jax.jit, static_argnames=("model", "score_fns"))
+def _score_rows(variables, states, x, *, model, score_fns):
+  """{entry: [B] or {row: [B]}} of every entry in `score_fns` ((name, score), ...) on x."""
+  return {name: score(model, variables, states[name], x) for name, score in score_fns}
 
 
-@functools.partial(jax.jit, static_argnames=("model", "which"))
-def _indicator_batch(variables, x, *, model, which):
-  from oodjax.detectors import whitebox
-  return whitebox.indicators(model, variables, x, which=which)
-
-
-def accuracy(apply_fn: Callable, variables: Any, dataset: ImageDataset,
-             batch_size: int = 500) -> float:
-  """Top-1 accuracy of the network on a labelled dataset."""
-  fn = jax.jit(lambda v, x: jnp.argmax(apply_fn(v, x), axis=-1))
-  predictions = map_batches(lambda x: fn(variables, x), dataset, batch_size)
-  return float(np.mean(predictions == dataset.labels))
-
-
-def indicator_scores(model, variables: Any, dataset: ImageDataset, batch_size: int = 500,
-                     which: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-  """Sample-free indicators of every image, from one forward pass per batch.
-
-  Returns:
-    {indicator: [N] float32}, higher = more OOD (`oodjax.detectors.whitebox.indicators`).
-  """
-  which = None if which is None else tuple(which)
-  return map_batches(lambda x: _indicator_batch(variables, x, model=model, which=which),
-                     dataset, batch_size)
+@functools.partial(jax.jit, static_argnames="model")
+def _predict(variables, x, *, model):
+  return jnp.argmax(inference_apply(model)(variables, x), axis=-1)
 
 
 _all_metrics_jit = jax.jit(metrics.all_metrics)
+
+
+def images_map(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int) -> Any:
+  """`fn(x)` over a dataset's images normalised with its statistics, in padded batches."""
+  return map_padded(lambda images: fn(normalize(images, dataset.mean, dataset.std)),
+                    dataset.images, batch_size)
+
+
+def accuracy(model, variables: Any, dataset: ImageDataset, batch_size: int = 500) -> float:
+  """Top-1 accuracy of the network on a labelled dataset."""
+  predictions = images_map(lambda x: _predict(variables, x, model=model), dataset, batch_size)
+  return float(np.mean(predictions == dataset.labels))
 
 
 def metric_row(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
   """All metrics of one detector on one (ID, OOD) pair, as Python floats."""
   metrics.check_scores(jnp.asarray(scores_in), "scores_in")
   metrics.check_scores(jnp.asarray(scores_out), "scores_out")
-  # One compiled program per shape, instead of one per operation as an eager call compiles.
   return {k: float(v) for k, v in _all_metrics_jit(scores_in, scores_out).items()}
 
 
-def evaluate_ood(apply_fn: Callable, variables: Any, id_test: ImageDataset,
-                 ood_sets: Mapping[str, ImageDataset], detectors: Mapping[str, Callable],
-                 batch_size: int = 500, *, odin: Mapping[str, Any] | None = None,
-                 holdout: int | None = None, seed: int = 0, progress: bool = False,
-                 model=None, sample_free: Mapping[str, Any] | None = None
-                 ) -> tuple[dict, dict]:
-  """Scores the ID test set and each OOD set with each detector.
-
-  OOD sets are normalised with the in-distribution statistics, as the model saw its training
-  data.
+def score_dataset(model, variables: Any, entries: Mapping[str, Detector],
+                  states: Mapping[str, Any], dataset: ImageDataset,
+                  batch_size: int = 500) -> dict[str, np.ndarray]:
+  """Scores every image of `dataset` with every entry, in one compiled program.
 
   Args:
-    apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode.
-    variables: the network's variables.
-    id_test: the in-distribution test set (labelled: accuracy is reported too).
-    ood_sets: name -> OOD set with the same image shape.
-    detectors: name -> `score(apply_fn, variables, x) -> [B]` for untuned detectors.
-    batch_size: images per compiled call.
-    odin: None, or the ODIN options {"temperatures", "epsilons", "no_ood_temperature",
-      "tuned_on_ood" (bool), "tuned_without_ood" (bool), "chunk_size"}; needs `holdout`.
-    holdout: images of each set held out for tuning (None: no split, every image is scored).
-    seed: seed of the split.
-    progress: show a progress bar.
-    model: the Linen model `apply_fn` runs; needed for the sample-free indicators.
-    sample_free: None, or the sample-free options {"indicators": bool (a row per indicator,
-      named "ind:<NAME>"), "one_c_sum": bool, "supervised": bool (the paper's linear upper
-      bound, fitted on half of each evaluation set), "odin": bool (ODIN at the paper's fixed
-      T = 1000, ε = 8e-4), "noise_stats": the 1C-Sum noise statistics
-      (`onecsum.fit_noise_stats`)}.
+    model: the Flax Linen classifier.
+    variables: its variables.
+    entries: name -> `Detector`.
+    states: name -> that entry's fitted state (for a per-OOD-set entry, the state of one set).
+    dataset: the images, normalised with the statistics it carries.
+    batch_size: images per compiled call (the last batch is padded).
 
   Returns:
-    (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_sizes", "protocol",
-    "detectors": {detector: {ood_set: {metric: value, and "temperature"/"epsilon" for ODIN}}},
-    "odin_grid": {ood_set: {"temperatures", "epsilons", "fpr95" [T][E]}}}; scores maps
-    ood_set -> detector -> (scores_in, scores_out) on the evaluation images, for plots.
+    {row: [N] float32 numpy}, higher = more OOD; an entry whose score returns a dict gives one
+    row per key, named `row_prefix + key`.
   """
+  score_fns = tuple((name, entry.score) for name, entry in entries.items())
+  states = {name: states[name] for name in entries}
+  out = images_map(lambda x: _score_rows(variables, states, x, model=model, score_fns=score_fns),
+                   dataset, batch_size)
+  rows = {}
+  for name, entry in entries.items():
+    if isinstance(out[name], dict):
+      rows.update({f"{entry.row_prefix or name + ':'}{k}": v for k, v in out[name].items()})
+    else:
+      rows[name] = out[name]
+  return rows
+
+
+# --- Fitted states on disk -----------------------------------------------------------------
+
+
+def weights_fingerprint(variables: Any) -> str:
+  """SHA-256 of every leaf of `variables` (bytes and shapes): which weights a state belongs to."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}{leaf.dtype}{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def _to_json(tree) -> Any:
+  if isinstance(tree, Mapping):
+    return {str(k): _to_json(v) for k, v in tree.items()}
+  array = np.asarray(tree)
+  return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.ravel().tolist()}
+
+
+def _from_json(tree) -> Any:
+  if set(tree) == {"dtype", "shape", "data"}:
+    return np.asarray(tree["data"], tree["dtype"]).reshape(tree["shape"])
+  return {k: _from_json(v) for k, v in tree.items()}
+
+
+def save_state(path: str | pathlib.Path, state: Any, info: Mapping, fitted_on: Mapping) -> None:
+  """Writes a fitted state (a pytree of dicts and arrays) and what it was fitted on, atomically."""
+  fileio.atomic_write_json(path, {"format": _STATE_FORMAT, "version": _STATE_VERSION,
+                                  "fitted_on": fitted_on, "info": info,
+                                  "state": _to_json(state)})
+
+
+def load_state(path: str | pathlib.Path, fitted_on: Mapping) -> tuple[Any, dict] | None:
+  """(state, info) from `save_state`'s file if it was fitted on exactly `fitted_on`, else None."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return None
+  try:
+    payload = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return None  # an unreadable file is refitted and overwritten
+  if (payload.get("format") != _STATE_FORMAT or payload.get("version") != _STATE_VERSION
+      or payload.get("fitted_on") != json.loads(json.dumps(fitted_on))):
+    return None
+  return _from_json(payload["state"]), payload["info"]
+
+
+# --- The protocol -------------------------------------------------------------------------
+
+
+def _held_out_indices(n_in: int, ood_sizes: Mapping[str, int], holdout: int | None, seed: int,
+                      halves: bool) -> dict[str, tuple[np.ndarray, ...]]:
+  """{ood_set: (fit_in, eval_in, fit_out, eval_out)} for one kind of split."""
+  if halves:
+    return {name: paper_halves(n_in, n, seed) for name, n in ood_sizes.items()}
+  return {name: split_holdout(n_in, n, holdout, seed) for name, n in ood_sizes.items()}
+
+
+def check_plan(detectors: Sequence[str], registry: Mapping[str, Detector],
+               holdout: int | None) -> dict[str, Detector]:
+  """The entries of `detectors` in registry (report) order, checked before any computation.
+
+  Raises:
+    ValueError: an unknown name, or a detector fitted on held-out images with no holdout.
+  """
+  unknown = [name for name in detectors if name not in registry]
+  if unknown:
+    raise ValueError(f"unknown detectors {unknown}; known: {list(registry)}")
+  entries = {name: registry[name] for name in registry if name in detectors}
+  for name, entry in entries.items():
+    if entry.sees_heldout and holdout is None and not entry.halves_without_holdout:
+      raise ValueError(f"{name} is fitted on held-out images: set eval.holdout")
+  return entries
+
+
+def evaluate_ood(model, variables: Any, id_test: ImageDataset,
+                 ood_sets: Mapping[str, ImageDataset], detectors: Sequence[str], *,
+                 registry: Mapping[str, Detector] | None = None,
+                 options: Mapping[str, Mapping[str, Any]] | None = None,
+                 holdout: int | None = None, seed: int = 0, batch_size: int = 500,
+                 id_train: ImageDataset | None = None, state_dir: str | pathlib.Path | None = None,
+                 progress: bool = False) -> tuple[dict, dict]:
+  """Fits and scores `detectors` on the ID test set against each OOD set.
+
+  OOD sets are normalised with the in-distribution statistics, as the model saw its training
+  data. See the module docstring for the protocol.
+
+  Args:
+    model: the Flax Linen classifier (`model.apply(variables, x, train=False) -> [B, K]`).
+    variables: its variables.
+    id_test: the in-distribution test set (labelled: accuracy is reported too).
+    ood_sets: name -> OOD set with the same image shape.
+    detectors: registry names, e.g. ("msp", "odin_tuned_on_ood", "1c_sum").
+    registry: name -> `Detector`; default `oodjax.detectors.REGISTRY`.
+    options: section name -> options (`config.eval`'s sections, e.g. {"odin": {...}}); each
+      entry reads its own section over its defaults.
+    holdout: images of each set held out for fitting (None: every image is scored).
+    seed: seed of the splits.
+    batch_size: images per compiled call.
+    id_train: the ID training set, for entries that see it.
+    state_dir: folder for fitted states (None: nothing saved, everything fitted).
+    progress: show a progress bar.
+
+  Returns:
+    (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_order", "ood_sizes",
+    "protocol", "rows" (in report order), "labels", "sees" (row -> what its fit saw),
+    "detectors": {row: {ood_set: {metric: value, plus the fit's T and ε}}}, "fit_info":
+    {entry: the fit's info, {ood_set: info} for per-set entries}}; scores maps ood_set -> row -> (scores_in,
+    scores_out) on the evaluation images, for plots.
+
+  Raises:
+    ValueError: an unknown detector, mismatched image shapes, a detector that needs a holdout
+      without one, or data a detector sees that was not given.
+  """
+  registry = REGISTRY if registry is None else registry
+  options = options or {}
+  entries = check_plan(detectors, registry, holdout)
   for name, ds in ood_sets.items():
     if ds.image_shape != id_test.image_shape:
       raise ValueError(f"OOD set {name} has images of shape {ds.image_shape}, the "
                        f"in-distribution test set {id_test.image_shape}")
-  if odin is not None and holdout is None:
-    raise ValueError("ODIN is tuned on held-out images: set a holdout")
+  for name, entry in entries.items():
+    if ID_TRAIN in entry.sees and id_train is None:
+      raise ValueError(f"{name} is fitted on the in-distribution training set: pass id_train")
   ood_sets = {name: ds.with_stats(id_test.mean, id_test.std) for name, ds in ood_sets.items()}
-  from oodjax import tuning  # the ODIN machinery, only needed here
+  n_in, ood_sizes = len(id_test), {name: len(ds) for name, ds in ood_sets.items()}
+  everything = (np.arange(n_in), {name: np.arange(n) for name, n in ood_sizes.items()})
 
-  n_steps = len(detectors) * (1 + len(ood_sets))
-  if sample_free is not None:
-    if model is None:
-      raise ValueError("the sample-free indicators need the model: pass model=")
-    n_steps += 1 + len(ood_sets)
-  if odin is not None:
-    n_steps += len(ood_sets) * (bool(odin.get("tuned_on_ood", True)) +
-                                bool(odin.get("tuned_without_ood", True)))
-  bar = tqdm.tqdm(total=n_steps, disable=not progress, unit="step", dynamic_ncols=True)
-  results = {"accuracy": accuracy(apply_fn, variables, id_test, batch_size),
-             "num_in": len(id_test), "ood_order": list(ood_sets),
-             "ood_sizes": {name: len(ds) for name, ds in ood_sets.items()},
-             "protocol": {"holdout": holdout, "seed": seed},
-             "detectors": {}, "odin_grid": {}}
-  scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {name: {} for name in ood_sets}
-  n_in = len(id_test)
-  splits = {name: (tuning.split_holdout(n_in, len(ds), holdout, seed) if holdout is not None
-                   else (None, np.arange(n_in), None, np.arange(len(ds))))
-            for name, ds in ood_sets.items()}
+  def splits_for(entry: Detector):
+    """(eval_in [per OOD set], eval_out, fit_in, fit_out) index maps for one entry."""
+    if not entry.sees_heldout and holdout is None:
+      return ({n: everything[0] for n in ood_sets}, everything[1], None, None)
+    parts = _held_out_indices(n_in, ood_sizes, holdout, seed, halves=holdout is None)
+    return ({n: p[1] for n, p in parts.items()}, {n: p[3] for n, p in parts.items()},
+            next(iter(parts.values()))[0], {n: p[2] for n, p in parts.items()})
 
-  for det_name, detector in detectors.items():
-    bar.set_description(f"{det_name} on in-distribution")
-    all_in = score_dataset(detector, apply_fn, variables, id_test, batch_size)
+  splits = {name: splits_for(entry) for name, entry in entries.items()}
+  bar = tqdm.tqdm(total=len(entries) + 2 + 2 * len(ood_sets), disable=not progress, unit="step",
+                  dynamic_ncols=True)
+  fingerprint = weights_fingerprint(variables) if state_dir is not None else None
+  x_in_all = None
+
+  states, infos = {}, {}
+  for name, entry in entries.items():
+    bar.set_description(f"fitting {name}")
+    _, _, fit_in, fit_out = splits[name]
+    data = {}
+    if HELDOUT_ID in entry.sees:
+      x_in_all = normalize(id_test.images, id_test.mean, id_test.std) if x_in_all is None \
+          else x_in_all
+      data["heldout_id"] = x_in_all[fit_in]
+    if HELDOUT_OOD in entry.sees:
+      data["heldout_ood"] = {n: normalize(ds.images[fit_out[n]], ds.mean, ds.std)
+                             for n, ds in ood_sets.items()}
+    if ID_TRAIN in entry.sees:
+      data["id_train"] = id_train
+    fit_data = FitData(image_shape=id_test.image_shape, mean=tuple(id_test.mean),
+                       std=tuple(id_test.std), seed=seed, batch_size=batch_size, **data)
+    entry_options = {**entry.defaults, **options.get(entry.options, {})} if entry.options \
+        else dict(entry.defaults)
+    fitted_on = {
+        "detector": name, "sees": sorted(entry.sees), "weights_sha256": fingerprint,
+        "options": _jsonable(entry_options), "image_shape": list(id_test.image_shape),
+        "mean": list(id_test.mean), "std": list(id_test.std), "batch_size": batch_size,
+        "id_test": {"name": id_test.name, "size": n_in} if entry.sees_heldout else None,
+        "id_train": ({"name": id_train.name, "size": len(id_train)}
+                     if ID_TRAIN in entry.sees else None),
+        "split": {"holdout": holdout, "seed": seed} if entry.sees_heldout else None,
+        "ood_sets": ({n: ood_sizes[n] for n in ood_sets} if entry.per_ood_set else None)}
+    # Only fits that look at data are worth keeping; fixed hyperparameters are refitted for free.
+    keep = state_dir is not None and bool(entry.sees)
+    path = pathlib.Path(state_dir) / f"{name}.json" if keep else None
+    loaded = load_state(path, fitted_on) if path is not None else None
+    if loaded is None:
+      state, info = entry.fit(model, variables, fit_data, entry_options)
+      if path is not None:
+        save_state(path, state, info, fitted_on)
+    else:
+      state, info = loaded
+    states[name] = jax.tree.map(jnp.asarray, state)
+    infos[name] = info
     bar.update(1)
-    table = results["detectors"][det_name] = {}
-    for name, ds in ood_sets.items():
-      bar.set_description(f"{det_name} on {name}")
-      _, eval_in, _, eval_out = splits[name]
-      s_in = all_in[eval_in]
-      s_out = score_dataset(detector, apply_fn, variables, ds, batch_size)[eval_out]
-      table[name] = metric_row(s_in, s_out)
-      scores[name][det_name] = (s_in, s_out)
-      bar.update(1)
 
-  if sample_free is not None:
-    _sample_free_rows(results, scores, model, variables, id_test, ood_sets, splits, sample_free,
-                      batch_size, seed, bar)
+  results = {"accuracy": accuracy(model, variables, id_test, batch_size), "num_in": n_in,
+             "ood_order": list(ood_sets), "ood_sizes": ood_sizes,
+             "protocol": {"holdout": holdout, "seed": seed},
+             "rows": [], "labels": {}, "sees": {}, "detectors": {}, "fit_info": infos}
+  scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {n: {} for n in ood_sets}
+  bar.update(1)
 
-  if odin is not None:
-    x_in = normalize(id_test.images, id_test.mean, id_test.std)
-    grid_args = dict(std=id_test.std, holdout=holdout, seed=seed,
-                     chunk_size=int(odin.get("chunk_size", 250)))
-    if odin.get("tuned_on_ood", True):
-      _odin_tuned_on_ood(results, scores, apply_fn, variables, x_in, ood_sets, splits, odin,
-                         id_test.std, bar)
-    if odin.get("tuned_without_ood", True):
-      bar.set_description("ODIN tuned without OOD")
-      tuned = tuning.tune_odin_without_ood(
-          apply_fn, variables, x_in, temperature=float(odin["no_ood_temperature"]),
-          epsilons=odin["epsilons"], **grid_args)
-      from oodjax.detectors import odin as odin_score
-      table = results["detectors"][ODIN_NO_OOD] = {}
-      hyper = dict(temperature=tuned["temperature"], epsilon=tuned["epsilon"],
-                   std=tuple(id_test.std))
-      for name, ds in ood_sets.items():
-        eval_out = splits[name][3]
-        s_in = tuned["scores_in"]  # the same evaluation ID images as every other row
-        s_out = score_dataset(odin_score, apply_fn, variables, ds.take(eval_out), batch_size,
-                              **hyper)
-        table[name] = {**metric_row(s_in, s_out), "temperature": tuned["temperature"],
-                       "epsilon": tuned["epsilon"]}
-        scores[name][ODIN_NO_OOD] = (s_in, s_out)
-        bar.update(1)
+  def add_rows(name: str, ood: str, rows_in: Mapping[str, np.ndarray],
+               rows_out: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> None:
+    eval_in, eval_out = splits[name][0][ood], splits[name][1][ood]
+    entry = entries[name]
+    for row in rows_in:
+      if not (row == name or (entry.row_prefix and row.startswith(entry.row_prefix))):
+        continue
+      s_in, s_out = rows_in[row][eval_in], rows_out[row][eval_out]
+      if row not in results["detectors"]:
+        results["rows"].append(row)
+        results["labels"][row] = entry.label if row == name else row[len(entry.row_prefix):]
+        results["sees"][row] = sorted(entry.sees)
+        results["detectors"][row] = {}
+      shown = {k: v for k, v in info.items() if k in ("temperature", "epsilon", "tune_fpr95")}
+      results["detectors"][row][ood] = {**metric_row(s_in, s_out), **shown}
+      scores[ood][row] = (s_in, s_out)
+
+  shared = {n: e for n, e in entries.items() if not e.per_ood_set}
+  per_set = {n: e for n, e in entries.items() if e.per_ood_set}
+  if shared:
+    bar.set_description("scoring in-distribution")
+    shared_in = score_dataset(model, variables, shared, states, id_test, batch_size)
+  bar.update(1)
+  for ood, ds in ood_sets.items():
+    if shared:
+      bar.set_description(f"scoring {ood}")
+      shared_out = score_dataset(model, variables, shared, states, ds, batch_size)
+      for name in shared:
+        add_rows(name, ood, shared_in, shared_out, infos[name])
+    bar.update(1)
+    if per_set:
+      bar.set_description(f"scoring {ood} (per-set fits)")
+      set_states = {name: states[name][ood] for name in per_set}
+      rows_in = score_dataset(model, variables, per_set, set_states, id_test, batch_size)
+      rows_out = score_dataset(model, variables, per_set, set_states, ds, batch_size)
+      for name in per_set:
+        add_rows(name, ood, rows_in, rows_out, infos[name][ood])
+    bar.update(1)
   bar.close()
+  # Rows in registry order (per-set entries were scored after the shared ones).
+  order = {name: i for i, name in enumerate(entries)}
+  results["rows"].sort(key=lambda row: order[_entry_of(row, entries)])
+  results["detectors"] = {row: results["detectors"][row] for row in results["rows"]}
   return results, scores
 
 
-def _odin_tuned_on_ood(results, scores, apply_fn, variables, x_in, ood_sets, splits, odin, std,
-                       bar) -> None:
-  """ODIN rows tuned with the paper's protocol (as `tuning.tune_odin`, sharing work across sets).
+def _entry_of(row: str, entries: Mapping[str, Detector]) -> str:
+  if row in entries:
+    return row
+  return next(name for name, e in entries.items() if e.row_prefix and row.startswith(e.row_prefix))
 
-  The held-out ID images are the same for every OOD set (`tuning.split_holdout`'s ID split
-  depends only on the ID size, holdout and seed), so their [T, E] grid is scored once; each OOD
-  set adds the grid of its own held-out images and one (T, ε) on its evaluation images.
+
+def _jsonable(value):
+  """Options as JSON values (tuples become lists), for comparison with a saved record."""
+  return json.loads(json.dumps(value, default=lambda v: np.asarray(v).tolist()))
+
+
+def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *,
+                   registry: Mapping[str, Detector] | None = None, data_dir: str | None = None,
+                   progress: bool = True, config_name: str | None = None,
+                   plots: bool = True) -> dict:
+  """Evaluates a trained model as `config.eval` says, and writes the report to `workdir`.
+
+  What `oodjax evaluate`, `oodjax run` and the experiments call. Loads the ID test set
+  (`config.dataset`) and every `config.eval.ood_sets` entry, fits and scores
+  `config.eval.detectors` with `evaluate_ood` (fitted states kept in `workdir/detectors/`),
+  and writes `results.json`, `results.md` and `plots/` (`oodjax.report.write_results`).
+
+  Args:
+    config: an experiment config (`configs/*.py`).
+    workdir: the run's folder.
+    model: the Flax Linen classifier.
+    variables: its variables ({"params": ..., "batch_stats": ...}).
+    registry: name -> `Detector`; default `oodjax.detectors.REGISTRY` (pass an extended copy to
+      evaluate detectors of your own).
+    data_dir: TFDS data folder for tfds/ sets.
+    progress: show progress bars.
+    config_name: recorded in the results as "config" (the CLI passes its --config).
+    plots: write the PNG plots too.
+
+  Returns:
+    The results dict (`evaluate_ood`), with "config", "seconds" and "sees_legend" added.
   """
-  from oodjax import sweep, tuning
-  temperatures = np.asarray(odin["temperatures"], np.float64)
-  epsilons = np.asarray(odin["epsilons"], np.float64)
-  grid_args = dict(std=std, chunk_size=int(odin.get("chunk_size", 250)))
-  tune_in, eval_in = next(iter(splits.values()))[:2]
-  bar.set_description("ODIN grid on held-out in-distribution")
-  grid_in = sweep.odin_grid(apply_fn, variables, x_in[tune_in], temperatures, epsilons,
-                            **grid_args)  # [T, E, holdout]
-  eval_in_scores = {}  # (t, e) -> ODIN scores of the evaluation ID images
-  table = results["detectors"][ODIN] = {}
-  for name, ds in ood_sets.items():
-    bar.set_description(f"ODIN grid on {name}")
-    _, _, tune_out, eval_out = splits[name]
-    x_out = normalize(ds.images, ds.mean, ds.std)
-    grid_out = sweep.odin_grid(apply_fn, variables, x_out[tune_out], temperatures, epsilons,
-                               **grid_args)
-    chosen = tuning.select_from_scores(grid_in, grid_out, temperatures, epsilons)
-    t, e = chosen["t_index"], chosen["e_index"]
-    one_t, one_e = temperatures[t:t + 1], epsilons[e:e + 1]
-    if (t, e) not in eval_in_scores:
-      eval_in_scores[t, e] = sweep.odin_grid(apply_fn, variables, x_in[eval_in], one_t, one_e,
-                                             **grid_args)[0, 0]
-    s_in = eval_in_scores[t, e]
-    s_out = sweep.odin_grid(apply_fn, variables, x_out[eval_out], one_t, one_e,
-                            **grid_args)[0, 0]
-    table[name] = {**metric_row(s_in, s_out), "temperature": chosen["temperature"],
-                   "epsilon": chosen["epsilon"], "tune_fpr95": chosen["tune_fpr95"]}
-    results["odin_grid"][name] = {"temperatures": temperatures.tolist(),
-                                  "epsilons": epsilons.tolist(),
-                                  "fpr95": np.asarray(chosen["grid_fpr95"]).tolist(),
-                                  "chosen": [t, e]}
-    scores[name][ODIN] = (s_in, s_out)
-    bar.update(1)
-
-
-def _sample_free_rows(results, scores, model, variables, id_test, ood_sets, splits, options,
-                      batch_size, seed, bar) -> None:
-  """Adds the sample-free rows (single indicators, 1C-Sum, supervised bound) to the results."""
-  from oodjax.detectors import onecsum
-  from oodjax.detectors import odin as odin_score
-  from oodjax.detectors import whitebox
-  bar.set_description("indicators on in-distribution")
-  ind_in = indicator_scores(model, variables, id_test, batch_size)
-  names = list(ind_in)
-  bar.update(1)
-  stats = options.get("noise_stats")
-  one_c = jax.jit(lambda s: onecsum.one_c_sum(s, stats))
-  odin_hyper = dict(temperature=whitebox.T1000_TEMPERATURE, epsilon=whitebox.ODIN_EPSILON,
-                    std=tuple(id_test.std))
-  apply_fn = functools.partial(model.apply, train=False)  # one object: one compiled program
-  odin_in = (score_dataset(odin_score, apply_fn, variables, id_test,
-                           batch_size, **odin_hyper) if options.get("odin") else None)
-  for name, ds in ood_sets.items():
-    bar.set_description(f"indicators on {name}")
-    _, eval_in, _, eval_out = splits[name]
-    ind_out = indicator_scores(model, variables, ds, batch_size)
-    rows = {}
-    if options.get("indicators", True):
-      for ind in names:
-        rows[INDICATOR_PREFIX + ind] = (ind_in[ind][eval_in], ind_out[ind][eval_out])
-    if options.get("odin"):
-      rows["odin_sf"] = (odin_in[eval_in], score_dataset(
-          odin_score, apply_fn, variables, ds.take(eval_out), batch_size, **odin_hyper))
-    if options.get("one_c_sum", True):
-      if stats is None:
-        raise ValueError("1C-Sum needs noise statistics: sample_free['noise_stats']")
-      rows["1c_sum"] = (np.asarray(one_c({k: ind_in[k][eval_in] for k in names})),
-                        np.asarray(one_c({k: ind_out[k][eval_out] for k in names})))
-    for row, (s_in, s_out) in rows.items():
-      results["detectors"].setdefault(row, {})[name] = metric_row(s_in, s_out)
-      scores[name][row] = (s_in, s_out)
-    if options.get("supervised"):
-      results["detectors"].setdefault("supervised", {})[name] = onecsum.supervised_upper_bound(
-          {k: ind_in[k][eval_in] for k in names}, {k: ind_out[k][eval_out] for k in names},
-          seed=seed)
-    bar.update(1)
-
-
-def _row_order(det_name: str) -> tuple[int, str]:
-  """Report rows: baselines, ODIN variants, single indicators, then 1C-Sum and the bound."""
-  order = ("msp", "max_logit", "energy", "t1000", "odin_sf", ODIN, ODIN_NO_OOD)
-  if det_name in order:
-    return order.index(det_name), ""
-  if det_name.startswith(INDICATOR_PREFIX):
-    return len(order), det_name
-  return len(order) + 1 + ("1c_sum", "supervised").index(det_name) \
-      if det_name in ("1c_sum", "supervised") else len(order) + 3, det_name
-
-
-def _fmt_hyper(row: Mapping[str, float], key: str) -> str:
-  return f"{row[key]:g}" if key in row else "–"
-
-
-def markdown_report(results: dict, title: str = "OOD detection", level: int = 2) -> str:
-  """Renders `evaluate_ood` results as Markdown: one table per OOD set, a row per detector."""
-  hashes = "#" * level
-  holdout = results.get("protocol", {}).get("holdout")
-  split = (f" Each set's {holdout} held-out tuning images are excluded from every row."
-           if holdout else "")
-  lines = [f"{hashes} {title}", "",
-           f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
-           f"{results['num_in']} images. Metrics in %; in-distribution is the positive class; "
-           f"scores are higher for more OOD inputs.{split}", ""]
-  ood_names = results.get("ood_order", list(results["ood_sizes"]))
-  header = ("| detector | " + " | ".join(label for _, label in METRIC_COLUMNS) + " | T | ε |")
-  for ood in ood_names:
-    lines += [f"{hashes}# {ood} ({results['ood_sizes'][ood]} images)", "", header,
-              "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
-    for det_name in sorted(results["detectors"], key=_row_order):
-      row = results["detectors"][det_name][ood]
-      cells = " | ".join(f"{100 * row[key]:.2f}" for key, _ in METRIC_COLUMNS)
-      lines.append(f"| {LABELS.get(det_name, det_name)} | {cells} | "
-                   f"{_fmt_hyper(row, 'temperature')} | {_fmt_hyper(row, 'epsilon')} |")
-    lines.append("")
-  return "\n".join(lines)
-
-
-def _slug(name: str) -> str:
-  return name.replace("/", "_").replace(":", "_")
-
-
-def write_results(results: dict, workdir: str | pathlib.Path, title: str = "OOD detection",
-                  scores: Mapping[str, Mapping[str, tuple]] | None = None) -> str:
-  """Writes results.json, results.md and (given scores) PNG plots to `workdir` atomically.
-
-  Plots: `plots/roc_<set>.png` (ROC of every detector), `plots/hist_<set>.png` (ID vs OOD score
-  histograms), `plots/odin_fpr95_<set>.png` (FPR@95 over the ODIN grid, the choice marked).
-  Returns the Markdown.
-  """
-  from oodjax import plots
-  workdir = pathlib.Path(workdir)
-  report = markdown_report(results, title)
-  if scores:
-    plot_dir = workdir / "plots"
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    for ood, per_det in scores.items():
-      curves = {LABELS.get(d, d): s for d, s in per_det.items()}
-      with io.atomic_path(plot_dir / f"roc_{_slug(ood)}.png") as tmp:
-        plots.plot_roc(curves, tmp, f"ROC: {ood}")
-      with io.atomic_path(plot_dir / f"hist_{_slug(ood)}.png") as tmp:
-        plots.plot_histograms(curves, tmp, f"Scores: {ood}")
-    for ood, grid in results.get("odin_grid", {}).items():
-      with io.atomic_path(plot_dir / f"odin_fpr95_{_slug(ood)}.png") as tmp:
-        plots.plot_grid_heatmap(np.asarray(grid["fpr95"]), grid["temperatures"],
-                                grid["epsilons"], tmp, f"ODIN held-out FPR@95: {ood}",
-                                chosen=tuple(grid["chosen"]))
-  io.atomic_write_json(workdir / "results.json", results)
-  io.atomic_write_text(workdir / "results.md", report)
-  return report
+  from oodjax import data, report  # pylint: disable=g-import-not-at-top
+  registry = REGISTRY if registry is None else registry
+  eval_config = config.eval
+  test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=data_dir)
+  if eval_config.get("id_size"):
+    test_ds = test_ds.take(slice(0, eval_config.id_size))
+  ood_sets = {}
+  for name in eval_config.ood_sets:
+    ds = data.load(name, "test", seed=eval_config.ood_seed, data_dir=data_dir,
+                   size=eval_config.get("ood_size"))
+    data.check_compatible(test_ds, ds)
+    ood_sets[name] = ds
+  id_train = None
+  if any(ID_TRAIN in registry[d].sees for d in eval_config.detectors if d in registry):
+    id_train = data.load(config.dataset, "train", seed=config.seed, data_dir=data_dir)
+    if config.get("train_size"):
+      id_train = id_train.take(slice(0, config.train_size))
+  options = {key: dict(value) for key, value in eval_config.items() if hasattr(value, "items")}
+  start = time.time()
+  results, scores = evaluate_ood(
+      model, variables, test_ds, ood_sets, tuple(eval_config.detectors), registry=registry,
+      options=options, holdout=eval_config.holdout, seed=eval_config.split_seed,
+      batch_size=eval_config.batch_size, id_train=id_train,
+      state_dir=pathlib.Path(workdir) / "detectors", progress=progress)
+  results["config"] = config_name
+  results["seconds"] = round(time.time() - start, 1)
+  results["sees_legend"] = dict(SEES)  # so the report can explain "sees" without the registry
+  report.write_results(results, workdir, title=f"{config.model} on {config.dataset}",
+                       scores=scores if plots else None)
+  return results

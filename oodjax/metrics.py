@@ -320,3 +320,40 @@ def all_metrics(scores_in, scores_out, *, positive: str = "in") -> dict[str, jax
       "aupr_in": aupr_in(scores_in, scores_out),
       "aupr_out": aupr_out(scores_in, scores_out),
   }
+
+
+def _metrics_grid(scores_in: jax.Array, scores_out: jax.Array) -> dict[str, jax.Array]:
+  fn = all_metrics
+  for _ in range(scores_in.ndim - 1):  # one vmap per leading grid axis
+    fn = jax.vmap(fn)
+  return fn(scores_in, scores_out)
+
+
+_metrics_grid_jit = jax.jit(_metrics_grid)
+
+
+def metrics_grid(scores_in, scores_out) -> dict[str, jax.Array]:
+  """`metrics.all_metrics` for every grid point of two score grids, in one compiled call.
+
+  Args:
+    scores_in: [T, E, N] in-distribution scores (any number of leading grid axes, e.g. [T, N]).
+    scores_out: [T, E, M] out-of-distribution scores with the same leading axes.
+
+  Returns:
+    dict with keys "fpr95", "detection_error", "auroc", "aupr_in", "aupr_out", each [T, E]
+    float32 (ID = positive class, as in ODIN).
+
+  Raises:
+    ValueError: mismatched leading axes, empty score vectors, or NaN scores (metrics cannot check
+      for NaN under `vmap`, so it is checked here first).
+  """
+  scores_in, scores_out = jnp.asarray(scores_in), jnp.asarray(scores_out)
+  if scores_in.ndim < 1 or scores_in.shape[:-1] != scores_out.shape[:-1]:
+    raise ValueError(f"score grids must share their leading axes, got {scores_in.shape} and "
+                     f"{scores_out.shape}.")
+  for name, s in (("scores_in", scores_in), ("scores_out", scores_out)):
+    if s.shape[-1] == 0:
+      raise ValueError(f"{name} is empty along its last axis.")
+    if not isinstance(s, jax.core.Tracer) and bool(jnp.isnan(s).any()):
+      raise ValueError(f"{name} contains NaN.")
+  return _metrics_grid_jit(scores_in, scores_out)

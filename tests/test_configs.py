@@ -55,5 +55,5 @@ def test_sample_free_configs_follow_the_paper():
                      ("d121_c10", "densenet121")):
     config = load_config(str(CONFIGS / f"sample_free_cifar.py:{arg}"))
     assert config.model == model
-    assert {"indicators", "1c_sum", "supervised", "odin_sf"} <= set(config.eval.detectors)
+    assert {"indicators", "1c_sum", "supervised", "odin_fixed"} <= set(config.eval.detectors)
     assert config.eval.sample_free.noise_n == 10_000

@@ -2,7 +2,7 @@
 
 The reference network is a 2-layer tanh MLP on flattened [B, H, W, C] inputs, whose forward pass
 and input gradient are written out by hand below (and the gradient checked by finite
-differences). `test_sweep.py` and `test_tuning.py` import these helpers.
+differences). `test_odin_grid.py` and `test_odin_tuning.py` import these helpers.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from oodjax import detectors
-from oodjax.detectors import softmax
+from oodjax.detectors import odin, softmax
 
 H, W, C, K, HIDDEN = 3, 3, 2, 4, 8
 STD = (0.25, 0.5)  # distinct per channel, so a missing or transposed /std shows
@@ -102,7 +102,7 @@ def test_reference_gradient_matches_finite_differences():
 @pytest.mark.parametrize("temperature", [1.0, 1000.0])
 def test_input_gradient_matches_reference(temperature):
   p, x = mlp_params(), inputs()
-  got = softmax.odin_input_gradient(mlp_apply, to_jax(p), jnp.asarray(x),
+  got = odin.odin_input_gradient(mlp_apply, to_jax(p), jnp.asarray(x),
                                     temperature=temperature)
   want = np_input_gradient(p, x.astype(np.float64), temperature)
   scale = np.abs(want).max()
@@ -112,7 +112,7 @@ def test_input_gradient_matches_reference(temperature):
 
 def test_perturbation_is_sign_over_std_and_zero_gradient_gives_plus_one():
   p, x = mlp_params(), inputs()
-  got = np.asarray(softmax.odin_perturbation(mlp_apply, to_jax(p), jnp.asarray(x),
+  got = np.asarray(odin.odin_perturbation(mlp_apply, to_jax(p), jnp.asarray(x),
                                              temperature=2.0, std=STD))
   grad = np_input_gradient(p, x.astype(np.float64), 2.0)
   clear = np.abs(grad) > 1e-6 * np.abs(grad).max()  # signs float32 can be trusted with
@@ -127,7 +127,7 @@ def test_perturbation_is_sign_over_std_and_zero_gradient_gives_plus_one():
                                                  (1000.0, 0.004), (1000.0, 0.1)])
 def test_odin_matches_reference(temperature, epsilon):
   p, x = mlp_params(), inputs()
-  got = np.asarray(detectors.odin(mlp_apply, to_jax(p), jnp.asarray(x),
+  got = np.asarray(detectors.odin_score(mlp_apply, to_jax(p), jnp.asarray(x),
                                   temperature=temperature, epsilon=epsilon, std=STD))
   want = np_odin(p, x.astype(np.float64), temperature, epsilon)
   assert got.shape == (x.shape[0],)
@@ -136,7 +136,7 @@ def test_odin_matches_reference(temperature, epsilon):
 
 def test_odin_reference_would_catch_a_missing_std_division():
   p, x = mlp_params(), inputs()
-  got = np.asarray(detectors.odin(mlp_apply, to_jax(p), jnp.asarray(x), temperature=1.0,
+  got = np.asarray(detectors.odin_score(mlp_apply, to_jax(p), jnp.asarray(x), temperature=1.0,
                                   epsilon=0.05, std=STD))
   without_std = np_odin(p, x.astype(np.float64), 1.0, 0.05, divide_by_std=False)
   assert np.abs(got - without_std).max() > 1e-3
@@ -147,13 +147,13 @@ def test_small_epsilon_raises_every_max_softmax():
   p, x = mlp_params(), inputs(n=16)
   v, x = to_jax(p), jnp.asarray(x)
   base = softmax.temperature_scaled(mlp_apply, v, x, temperature=2.0)
-  perturbed = detectors.odin(mlp_apply, v, x, temperature=2.0, epsilon=1e-3, std=STD)
+  perturbed = detectors.odin_score(mlp_apply, v, x, temperature=2.0, epsilon=1e-3, std=STD)
   assert np.all(np.asarray(perturbed) < np.asarray(base))
 
 
 def test_odin_with_zero_epsilon_is_temperature_scaling():
   p, x = mlp_params(), jnp.asarray(inputs())
-  a = detectors.odin(mlp_apply, to_jax(p), x, temperature=5.0, epsilon=0.0, std=STD)
+  a = detectors.odin_score(mlp_apply, to_jax(p), x, temperature=5.0, epsilon=0.0, std=STD)
   b = softmax.temperature_scaled(mlp_apply, to_jax(p), x, temperature=5.0)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
@@ -165,7 +165,7 @@ def test_odin_on_a_batchnorm_conv_net_scores_each_image_alone():
   apply_fn, variables = conv_net(num_classes=3, channels=2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 2)), jnp.float32)
   # Jitted: op-by-op dispatch of a conv net's backward pass is slow on CPU.
-  score = jax.jit(functools.partial(detectors.odin, apply_fn, temperature=10.0, epsilon=0.01,
+  score = jax.jit(functools.partial(detectors.odin_score, apply_fn, temperature=10.0, epsilon=0.01,
                                     std=STD))
   batch = score(variables, x)
   alone = jnp.concatenate([score(variables, x[i:i + 1]) for i in range(4)])
@@ -219,21 +219,14 @@ def test_cheap_detectors_on_huge_logits():
     got = np.asarray(softmax.temperature_scaled(_logits_apply, logits, x, temperature=t))
     np.testing.assert_allclose(got, 1.0 - np_softmax(l64 / t).max(-1), rtol=1e-4, atol=1e-7)
   # Hand-worked: at T = 1000, f / T = (10, -10, 0) and 1 - max S = 1 - 1 / (1 + e^-10 + e^-20).
-  t1000 = detectors.DETECTORS["t1000"](_logits_apply, logits, x)
+  t1000 = softmax.temperature_scaled(_logits_apply, logits, x, temperature=1000.0)
   np.testing.assert_allclose(float(t1000[0]), 4.5397868e-05, rtol=1e-3)
   assert float(detectors.energy(_logits_apply, logits, x)[0]) == pytest.approx(-1e4)
 
 
-def test_registry_detectors_take_no_hyperparameters():
-  p, x = mlp_params(), jnp.asarray(inputs())
-  assert "msp" in detectors.DETECTORS
-  for name, detector in detectors.DETECTORS.items():
-    assert detector(mlp_apply, to_jax(p), x).shape == (x.shape[0],), name
-
-
 def test_temperature_and_epsilon_are_traced_not_static():
   p, x = mlp_params(), jnp.asarray(inputs())
-  fn = jax.jit(lambda t, e: detectors.odin(mlp_apply, to_jax(p), x, temperature=t, epsilon=e,
+  fn = jax.jit(lambda t, e: detectors.odin_score(mlp_apply, to_jax(p), x, temperature=t, epsilon=e,
                                            std=STD))
   got = fn(jnp.float32(7.0), jnp.float32(0.03))
   np.testing.assert_allclose(np.asarray(got), np_odin(p, np.asarray(x, np.float64), 7.0, 0.03),
@@ -256,7 +249,7 @@ def test_temperature_and_epsilon_are_traced_not_static():
 def test_odin_rejects_bad_hyperparameters(hyper, match):
   p, x = mlp_params(), jnp.asarray(inputs())
   with pytest.raises(ValueError, match=match):
-    detectors.odin(mlp_apply, to_jax(p), x, **hyper)
+    detectors.odin_score(mlp_apply, to_jax(p), x, **hyper)
 
 
 @pytest.mark.parametrize("detector", [detectors.energy, softmax.temperature_scaled])

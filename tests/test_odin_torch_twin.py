@@ -15,10 +15,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs the bench extra: pip install 'oodjax[bench]'")
 
 from oodjax import models  # noqa: E402
-from oodjax.sweep import odin_grid  # noqa: E402
+from oodjax.detectors.odin import odin_grid  # noqa: E402
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import torch_twin  # noqa: E402
+from benchmarks import torch_twin  # noqa: E402
 
 
 def _perturbed_batch_stats(variables, seed):

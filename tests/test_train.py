@@ -23,7 +23,6 @@ from oodjax.train import (create_train_state, default_train_config, make_classif
                           make_eval_step, make_optimizer, make_schedule, make_train_step,
                           paper_train_overrides, train_classifier)
 
-sys.path.insert(0, os.path.dirname(__file__))
 from train_helpers import TinyNet, tiny_config, tiny_dataset  # noqa: E402
 
 HELPER = os.path.join(os.path.dirname(__file__), "train_helpers.py")

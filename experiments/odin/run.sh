@@ -9,4 +9,4 @@ workdir=${WORKDIR:-runs/experiments_baseline}
 mkdir -p experiments/odin
 cp "$workdir/results.json" "$workdir/results.md" experiments/odin/
 rm -rf experiments/odin/plots && cp -r "$workdir/plots" experiments/odin/plots
-.venv/bin/python experiments/make_readme.py
+.venv/bin/python -m experiments.make_readme

@@ -1,7 +1,7 @@
 """Generates experiments/sample_free/README.md from results.json: every number is computed here.
 
-  python experiments/sample_free/make_readme.py          # rewrite README.md
-  python experiments/sample_free/make_readme.py --check  # exit 1 if README.md is out of date
+  python -m experiments.sample_free.make_readme          # rewrite README.md
+  python -m experiments.sample_free.make_readme --check  # exit 1 if README.md is out of date
 
 The README holds (a) a Table 4 analogue per architecture (AUROC mean +- std over seeds),
 (b) a Table 5 analogue (average ranks), (c) facts for the comparison with the paper, computed
@@ -36,7 +36,7 @@ PAIRS = (("ODIN", "T1000"), ("H", "MP"), ("ANG", "ANG++"), ("NORM+", "NORM"),
 
 def result_key(label: str) -> str:
   """The row name in `oodjax.evaluate` results for a paper row label."""
-  return {"ODIN": "odin_sf", "1C-Sum": "1c_sum", "supervised": "supervised"}.get(
+  return {"ODIN": "odin_fixed", "1C-Sum": "1c_sum", "supervised": "supervised"}.get(
       label, "ind:" + label)
 
 
@@ -229,7 +229,7 @@ def render(results: dict, discussion: str | None) -> str:
       "do not edit by hand. -->",
       "",
       "Reproduces the protocol of Begon & Geurts (CVPR-W 2021), Section 3-4, at toy scale: "
-      "`python experiments/sample_free/run.py` (`--quick` for a smoke run).",
+      "`python -m experiments.sample_free.run` (`--quick` for a smoke run).",
       "",
       f"* ID: `{proto['dataset']}` (train on {proto['train_size'] or 'all'} training images "
       f"for {proto['num_epochs']} epochs, Adam 1e-3 cosine, batch {proto['batch_size']}; "
@@ -291,7 +291,7 @@ def main(argv) -> int:
   if "--check" in argv:
     if not readme.is_file() or readme.read_text() != text:
       print("experiments/sample_free/README.md is out of date: run "
-            "python experiments/sample_free/make_readme.py")
+            "python -m experiments.sample_free.make_readme")
       return 1
     return 0
   readme.write_text(text)

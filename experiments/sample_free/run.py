@@ -9,8 +9,8 @@ evaluation set and is scored on the other half, as in the paper).
 
 Command (from the repository root):
 
-  .venv/bin/python experiments/sample_free/run.py           # the real run, about 25 minutes
-  .venv/bin/python experiments/sample_free/run.py --quick   # smoke run, about a minute
+  .venv/bin/python -m experiments.sample_free.run           # the real run, about 25 minutes
+  .venv/bin/python -m experiments.sample_free.run --quick   # smoke run, about a minute
 
 The real run writes one JSON per (architecture, seed) to experiments/sample_free/runs/, the
 aggregate experiments/sample_free/results.json and the generated
@@ -35,7 +35,6 @@ References:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -43,15 +42,14 @@ import time
 
 import jax
 
-from oodjax import data, evaluate, models
+from experiments.sample_free import make_readme
+from oodjax import data, models
 from oodjax.config import load_config
-from oodjax.detectors import onecsum
+from oodjax.evaluate import run_evaluation
 from oodjax.train.classifier import train_classifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-import make_readme  # noqa: E402  (the README generator beside this file)
 
 # The paper's ResNet 50 / WideResNet / DenseNet 121 scaled down to what trains in about two
 # minutes on two CPU cores. The width overrides make the tiny variants trainable to a sensible
@@ -81,16 +79,29 @@ def _take(ds: data.ImageDataset, size: int | None) -> data.ImageDataset:
   return ds if size is None or len(ds) <= size else ds.take(slice(0, size))
 
 
-def train_one(arch: str, seed: int, proto: dict, workdir: pathlib.Path):
-  """Trains (or restores) one classifier; returns (model, variables, test_ds, summary)."""
-  spec = ARCHITECTURES[arch]
+def base_config(seed: int, proto: dict):
+  """The main job's config with this experiment's training and evaluation protocol."""
   config = load_config(str(ROOT / "configs" / "fmnist_small_cnn.py"))
   config.seed = seed
-  config.model = spec["model"]
+  config.dataset = proto["dataset"]
   config.train.num_epochs = proto["num_epochs"]
   config.train.batch_size = proto["batch_size"]
   config.train_size = proto["train_size"]
   config.checkpoint.every_steps = 10_000  # checkpoint (and evaluate) only at the end
+  config.eval.update(dict(
+      detectors=("odin_fixed", "indicators", "1c_sum", "supervised"), holdout=None,
+      ood_sets=tuple(proto["ood_sets"]), ood_seed=proto["ood_seed"], ood_size=proto["ood_size"],
+      id_size=proto["id_test_size"], batch_size=proto["eval_batch_size"], split_seed=0))
+  config.eval.sample_free.update(dict(noise_n=proto["noise_n"],
+                                      noise_seed=proto["noise_seed"]))
+  return config
+
+
+def train_one(arch: str, seed: int, proto: dict, workdir: pathlib.Path):
+  """Trains (or restores) one classifier; returns (model, variables, summary)."""
+  spec = ARCHITECTURES[arch]
+  config = base_config(seed, proto)
+  config.model = spec["model"]
 
   # The config hash does not see the model's width overrides: keep them beside the checkpoints
   # and refuse to resume a run that was trained with different ones.
@@ -109,31 +120,18 @@ def train_one(arch: str, seed: int, proto: dict, workdir: pathlib.Path):
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  return model, variables, test_ds, summary
+  return model, variables, summary
 
 
-def evaluate_one(model, variables, test_ds: data.ImageDataset, proto: dict) -> dict:
-  """Noise statistics, then every sample-free row against every OOD set (no holdout)."""
-  id_test = _take(test_ds, proto["id_test_size"])
-  ood_sets = {}
-  for name in proto["ood_sets"]:
-    ds = _take(data.load(name, "test", seed=proto["ood_seed"], size=proto["ood_size"]),
-               proto["ood_size"])
-    data.check_compatible(id_test, ds)
-    ood_sets[name] = ds
+def evaluate_one(model, variables, workdir: pathlib.Path, seed: int, proto: dict) -> dict:
+  """Every sample-free row against every OOD set (no holdout), through `run_evaluation`."""
+  config = base_config(seed, proto)
   start = time.time()
-  stats = onecsum.fit_noise_stats(model, variables, id_test.image_shape, id_test.mean,
-                                  id_test.std, n=proto["noise_n"], seed=proto["noise_seed"],
-                                  batch_size=proto["eval_batch_size"])
-  noise_seconds = time.time() - start
-  sample_free = {"indicators": True, "one_c_sum": True, "supervised": True, "odin": True,
-                 "noise_stats": stats}
-  results, _ = evaluate.evaluate_ood(
-      functools.partial(model.apply, train=False), variables, id_test, ood_sets, {},
-      proto["eval_batch_size"], holdout=None, model=model, sample_free=sample_free)
+  results = run_evaluation(config, workdir, model, variables, progress=False, plots=False,
+                           config_name="experiments/sample_free")
   return {"accuracy": results["accuracy"], "num_in": results["num_in"],
           "ood_sizes": results["ood_sizes"], "detectors": results["detectors"],
-          "noise_stats": stats, "noise_seconds": round(noise_seconds, 1),
+          "noise_stats": {"indicators": results["fit_info"]["1c_sum"]["noise_stats"]},
           "eval_seconds": round(time.time() - start, 1)}
 
 
@@ -148,12 +146,12 @@ def run_one(arch: str, seed: int, proto: dict, workroot: pathlib.Path,
       print(f"{arch} seed {seed}: reusing {path.relative_to(ROOT)}", flush=True)
       return previous
   start = time.time()
-  model, variables, test_ds, summary = train_one(arch, seed, proto,
-                                                 workroot / f"{arch}_seed{seed}")
+  workdir = workroot / f"{arch}_seed{seed}"
+  model, variables, summary = train_one(arch, seed, proto, workdir)
   trained = time.time() - start
   print(f"{arch} seed {seed}: trained in {trained:.0f}s "
         f"(accuracy {summary['eval']['eval_accuracy']:.4f})", flush=True)
-  scored = evaluate_one(model, variables, test_ds, proto)
+  scored = evaluate_one(model, variables, workdir, seed, proto)
   num_params = sum(int(p.size) for p in jax.tree.leaves(variables["params"]))
   run = {"arch": arch, "model_spec": spec, "seed": seed, "protocol": proto,
          "num_params": num_params, "train_seconds": summary.get("train_seconds"),

@@ -1,22 +1,24 @@
-"""OOD detectors: `score(apply_fn, variables, x, *, ...) -> [B]`, higher = more out-of-distribution.
+"""OOD detectors, higher score = more out-of-distribution, and the registry that runs them.
 
-`apply_fn(variables, x) -> logits [B, K]` is the network in inference mode (for a Linen model,
-`functools.partial(model.apply, train=False)`); `x` is a batch of normalised inputs.
+Functions, `score(apply_fn, variables, x, *, hyperparameters) -> [B]` with
+`apply_fn(variables, x) -> logits [B, K]` the network in inference mode
+(`oodjax.models.inference_apply(model)`):
 
-`DETECTORS` holds the detectors that can be called as `score(apply_fn, variables, x)` with no
-further arguments, so a config can name them. ODIN is not among them: it needs the dataset's
-normalisation `std` and a (T, ε) chosen per the paper's protocol, which `oodjax.tuning.tune_odin`
-(tuned on held-out OOD data) and `oodjax.tuning.tune_odin_without_ood` provide.
+* `softmax`: `msp`, `max_logit`, `energy`, `temperature_scaled`;
+* `odin`: `odin_score`, its (T, ε) grid and the paper's tuning protocol;
+* `sample_free`: the white-box indicators, 1C-Sum, the supervised bound, Section 5 thresholds.
+
+The registry (`REGISTRY`, `Detector`, `FitData`; see `protocol` and `registry`) turns each into
+an entry that `oodjax.evaluate` fits, scores and reports.
 """
-import functools
+from oodjax.detectors import odin, sample_free
+from oodjax.detectors.odin import odin_score
+from oodjax.detectors.protocol import (HELDOUT_ID, HELDOUT_OOD, ID_TRAIN, NOISE, NOTHING, SEES,
+                                       Detector, FitData, fixed_state)
+from oodjax.detectors.registry import REGISTRY
+from oodjax.detectors.softmax import (T1000_TEMPERATURE, energy, max_logit, msp,
+                                      temperature_scaled)
 
-from oodjax.detectors.softmax import (energy, max_logit, msp, odin, odin_input_gradient,
-                                      odin_perturbation, temperature_scaled)
-
-DETECTORS = {
-    "msp": msp,
-    "max_logit": max_logit,
-    "energy": energy,
-    # Temperature scaling alone at T = 1000: the sample-free "T1000" baseline (ODIN with ε = 0).
-    "t1000": functools.partial(temperature_scaled, temperature=1000.0),
-}
+__all__ = ["HELDOUT_ID", "HELDOUT_OOD", "ID_TRAIN", "NOISE", "NOTHING", "REGISTRY", "SEES",
+           "T1000_TEMPERATURE", "Detector", "FitData", "energy", "fixed_state", "max_logit",
+           "msp", "odin", "odin_score", "sample_free", "temperature_scaled"]

@@ -8,6 +8,7 @@ BatchNorm and `rngs={"dropout": key}` for AlexNet and a WRN with dropout. Varian
     model = get_model("resnet18", num_classes=10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     logits, insides = forward_with_insides(model, variables, x)
+    apply_fn = inference_apply(model)  # (variables, x) -> logits, hashable: a static jit argument
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import flax.linen as nn
 
 from oodjax.models.cnn import VGG, AlexNet, SmallCNN, VGGStage
 from oodjax.models.densenet import DenseLayer, DenseNet, DenseStage, Transition
-from oodjax.models.insides import (ALL_INSIDES, Insides, feature_map_gradient,
-                                   forward_with_insides, is_block_or_stage, is_stage,
-                                   is_top_level, normalise_with_running_stats)
+from oodjax.models.insides import (ALL_INSIDES, InferenceApply, Insides, feature_map_gradient,
+                                   forward_with_insides, inference_apply, is_block_or_stage,
+                                   is_stage, is_top_level, normalize_with_running_stats)
 from oodjax.models.layers import ConvBlock, NormReLU
 from oodjax.models.resnet import (BasicBlock, BottleneckBlock, ResNet, ResNetStage,
                                   WideBasicBlock, WideResNet)
@@ -60,8 +61,9 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 __all__ = [
     "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ConvBlock",
-    "DenseLayer", "DenseNet", "DenseStage", "Insides", "NormReLU", "ResNet", "ResNetStage",
+    "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "NormReLU", "ResNet", "ResNetStage",
     "SmallCNN", "Transition", "VGG", "VGGStage", "WideBasicBlock", "WideResNet",
-    "feature_map_gradient", "forward_with_insides", "get_model", "is_block_or_stage",
-    "is_stage", "is_top_level", "normalise_with_running_stats",
+    "feature_map_gradient", "forward_with_insides", "get_model", "inference_apply",
+    "is_block_or_stage",
+    "is_stage", "is_top_level", "normalize_with_running_stats",
 ]

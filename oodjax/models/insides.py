@@ -116,7 +116,7 @@ def _first_arg(args: tuple, kwargs: dict, name: str) -> Any:
   return args[0] if args else kwargs[name]
 
 
-def normalise_with_running_stats(bn: nn.BatchNorm, z: jax.Array) -> jax.Array:
+def normalize_with_running_stats(bn: nn.BatchNorm, z: jax.Array) -> jax.Array:
   """(z - running mean) / sqrt(running var + epsilon) for a bound BatchNorm module.
 
   Args:
@@ -141,6 +141,27 @@ def normalise_with_running_stats(bn: nn.BatchNorm, z: jax.Array) -> jax.Array:
 
 def _accepts_train(model: nn.Module) -> bool:
   return "train" in inspect.signature(type(model).__call__).parameters
+
+
+@struct.dataclass
+class InferenceApply:
+  """`model.apply(variables, x, train=False)` as a callable that hashes by the model's value.
+
+  jit keys a static callable by its hash: a fresh `functools.partial(model.apply, train=False)`
+  per call hashes by identity, so every call recompiles and the compile cache keeps the partial
+  (and its model) alive. Two `InferenceApply`s of equal Linen modules are equal, so they share
+  one compiled program. Models without a `train` argument are called without it.
+  """
+  model: nn.Module = struct.field(pytree_node=False)
+
+  def __call__(self, variables: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    kwargs = {"train": False} if _accepts_train(self.model) else {}
+    return self.model.apply(variables, x, **kwargs)
+
+
+def inference_apply(model: nn.Module) -> InferenceApply:
+  """The network's inference-mode forward `(variables, x) -> logits`, hashable by value."""
+  return InferenceApply(model)
 
 
 def forward_with_insides(
@@ -208,7 +229,7 @@ def forward_with_insides(
       perturbed.add(_name(path))
     if "bn" in which and isinstance(module, nn.BatchNorm):
       z = _first_arg(args, kwargs, "x")
-      save(module, "_bn_input", normalise_with_running_stats(module, z))
+      save(module, "_bn_input", normalize_with_running_stats(module, z))
     if "head" in which and isinstance(module, nn.Dense):
       index = save(module, "_dense_input", _first_arg(args, kwargs, "inputs"))
       last_dense[:] = [(path, index, out)]

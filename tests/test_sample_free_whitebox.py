@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from oodjax.detectors import whitebox
+from oodjax.detectors.sample_free import whitebox
 from oodjax.models import get_model
 
 K = 4
@@ -315,14 +315,13 @@ def test_batchnorm_of_spatial_size_one_is_left_out_of_dss_without_nan():
 
 
 def test_odin_indicator_forwards_the_papers_settings(monkeypatch):
-  from oodjax.detectors import softmax
   calls = {}
 
   def fake_odin(apply_fn, variables, x, *, temperature, epsilon, std):
     calls.update(temperature=temperature, epsilon=epsilon, std=std)
     return jnp.zeros(x.shape[0])
 
-  monkeypatch.setattr(softmax, "odin", fake_odin, raising=False)
+  monkeypatch.setattr(whitebox, "odin_score", fake_odin)
   out = whitebox.odin_indicator(lambda v, x: x, {}, jnp.zeros((2, 3)), std=0.3)
   assert out.shape == (2,)
   assert calls == {"temperature": 1000.0, "epsilon": 8e-4, "std": 0.3}

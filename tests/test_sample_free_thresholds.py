@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oodjax import thresholds
+from oodjax.detectors.sample_free import thresholds
 
 
 def test_labels_hand_worked():

@@ -19,10 +19,10 @@ How the T·E forwards (and the T backwards) are batched is the `forward_batch` k
 Data is processed `chunk_size` images at a time: a Python loop over a jitted function whose last
 chunk is padded (with copies of the last image) to the same shape, so the program is traced and
 compiled once for a (model, chunk shape, T, E) and reused for every chunk and every later call with
-other T or ε VALUES. The jitted function takes `apply_fn` as a static argument, which is hashed
-by identity for a `functools.partial`: pass the same `apply_fn` object to reuse the compilation.
+other T or ε VALUES. The jitted function takes `apply_fn` as a static argument: pass one that
+hashes by value (`oodjax.models.inference_apply(model)`), not a fresh `functools.partial`.
 
-`metrics_grid` turns [T, E, N] and [T, E, M] score grids into a [T, E] table per metric in one call.
+`oodjax.metrics.metrics_grid` turns the [T, E, N] and [T, E, M] grids into [T, E] tables.
 """
 from __future__ import annotations
 
@@ -32,40 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oodjax import metrics
-from oodjax.detectors.softmax import ApplyFn, _max_softmax_score, check_std, odin_perturbation
+from oodjax.batching import map_padded
+from oodjax.detectors.odin.preprocessing import odin_perturbation
+from oodjax.detectors.softmax import (ApplyFn, check_grid, check_std, logits_of,
+                                      max_softmax_score)
 
 # On CPU, one configuration per lax.map step is fastest: grouping configs makes XLA run the
 # network on a batch of (group x chunk) images, measured 3x slower for groups of 4 to 16 on
 # 2 cores (500 images, 10 x 21 grid: 10.9 s at 1, 33 s at 4, 35 s at 16, 42 s fully vmapped).
 _DEFAULT_CPU_FORWARD_BATCH = 1
-
-
-def check_grid(values, name: str, *, positive: bool) -> jax.Array:
-  """Validates a concrete 1-D grid of hyperparameter values.
-
-  Args:
-    values: [G] array-like, G >= 1.
-    name: the argument's name, for error messages.
-    positive: True for values that must be > 0 (temperatures), False for >= 0 (epsilons).
-
-  Returns:
-    [G] float32.
-
-  Raises:
-    ValueError: not 1-D, empty, traced (a grid is validated before tracing), or out of range.
-  """
-  if isinstance(values, jax.core.Tracer):
-    raise ValueError(f"{name} must be concrete: the grid is validated before it is traced.")
-  arr = np.asarray(values, np.float32)
-  if arr.ndim != 1:
-    raise ValueError(f"{name} must be a 1-D grid, got shape {arr.shape}.")
-  if arr.shape[0] == 0:
-    raise ValueError(f"{name} is an empty grid.")
-  bad = ~(arr > 0) if positive else ~(arr >= 0)  # `~(>)` also flags NaN
-  if bad.any():
-    raise ValueError(f"{name} must all be {'> 0' if positive else '>= 0'}, got {arr[bad]}.")
-  return jnp.asarray(arr)
 
 
 def _resolve_forward_batch(forward_batch: int | None | str) -> int | None:
@@ -100,7 +75,7 @@ def _odin_grid_chunk(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatur
   def forward(config):
     t, e = config
     x_tilde = x - epsilons[e] * directions[t]  # [B, H, W, C]
-    return _max_softmax_score(apply_fn(variables, x_tilde), temperatures[t])  # [B]
+    return max_softmax_score(logits_of(apply_fn, variables, x_tilde), temperatures[t])  # [B]
 
   scores = _map(forward, (t_index, e_index), forward_batch)  # [T * E, B]
   return scores.reshape(num_t, num_e, x.shape[0])
@@ -113,20 +88,22 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
               chunk_size: int = 256, forward_batch: int | None | str = "auto") -> np.ndarray:
   """ODIN scores of every image under every (temperature, epsilon) pair.
 
-  `odin_grid(...)[t, e]` equals `odin(apply_fn, variables, x, temperature=temperatures[t],
+  `odin_grid(...)[t, e]` equals `odin_score(apply_fn, variables, x, temperature=temperatures[t],
   epsilon=epsilons[e], std=std)` up to float32 rounding, at the cost of T backward and T·E
   forward passes rather than T·E of each.
 
   Args:
     apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode. Static
-      for `jit`: pass the same object on every call to reuse the compiled program.
+      for `jit`, so it must hash by value to reuse the compiled program across calls: a
+      module-level function, or `oodjax.models.inference_apply(model)` for a Linen model
+      (equal models give equal callables, where a fresh `functools.partial` would recompile).
     variables: the network's variables.
     x: [B, H, W, C] normalised inputs (numpy or jax); sliced on the host into chunks.
     temperatures: [T] values > 0 (concrete).
-    epsilons: [E] values >= 0 (concrete), in [0, 1]-pixel units as in `odin`.
+    epsilons: [E] values >= 0 (concrete), in [0, 1]-pixel units as in `odin_score`.
     std: [C] the per-channel std the inputs were normalised with.
-    chunk_size: images per compiled call; the last chunk is padded to this size (or to B when
-      B < chunk_size). Peak memory is about T · chunk_size input gradients plus the activations of
+    chunk_size: images per compiled call; the last chunk is padded to this size
+      (`oodjax.batching.map_padded`). Peak memory is about T · chunk_size input gradients plus the activations of
       `forward_batch` · chunk_size images (T · E · chunk_size with `forward_batch=None`).
     forward_batch: configs per step of the T backward and T·E forward passes: an int for
       `lax.map` groups (CPU), None for one full `vmap` (accelerators), "auto" to pick by backend.
@@ -140,7 +117,7 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
 
   References:
     Liang, Li, Srikant. ODIN. ICLR 2018, eq. (1), (2); the grid of section 4.4 is
-    `oodjax.tuning.PAPER_TEMPERATURES` x `oodjax.tuning.PAPER_EPSILONS`.
+    `tuning.PAPER_TEMPERATURES` x `tuning.PAPER_EPSILONS` (`oodjax.detectors.odin.tuning`).
   """
   temperatures = check_grid(temperatures, "temperatures", positive=True)
   epsilons = check_grid(epsilons, "epsilons", positive=False)
@@ -149,78 +126,8 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
   batch = _resolve_forward_batch(forward_batch)
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-  n = x.shape[0]
-  if n == 0:
+  if x.shape[0] == 0:
     return np.zeros((temperatures.shape[0], epsilons.shape[0], 0), np.float32)
-  size = min(chunk_size, n)
-  outputs = []
-  for start in range(0, n, size):
-    chunk = x[start:start + size]
-    valid = chunk.shape[0]
-    if valid < size:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - valid, axis=0)])
-    scores = _odin_grid_chunk_jit(apply_fn, variables, chunk, temperatures, epsilons, std,
-                                  forward_batch=batch)
-    outputs.append(np.asarray(scores)[:, :, :valid])
-  return np.concatenate(outputs, axis=-1)
-
-
-def score_grid(detector: Callable, apply_fn: ApplyFn, variables: Any, x: jax.Array,
-               temperatures, **hyper) -> jax.Array:
-  """Scores of a detector with a `temperature` keyword (energy, temperature_scaled) over a T grid.
-
-  `jax.vmap` batches only what depends on the mapped temperature, so the network's forward pass,
-  which does not, runs once and only the cheap softmax/logsumexp is repeated T times. Jit the
-  call (with `detector` and `apply_fn` closed over) to compile it once.
-
-  Args:
-    detector: `detector(apply_fn, variables, x, *, temperature, **hyper) -> [B]`.
-    apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode.
-    variables: the network's variables.
-    x: [B, H, W, C] normalised inputs.
-    temperatures: [T] values > 0 (concrete).
-    **hyper: further keyword arguments of `detector`.
-
-  Returns:
-    [T, B] float32 scores.
-  """
-  temperatures = check_grid(temperatures, "temperatures", positive=True)
-  return jax.vmap(
-      lambda t: detector(apply_fn, variables, x, temperature=t, **hyper))(temperatures)
-
-
-def _metrics_grid(scores_in: jax.Array, scores_out: jax.Array) -> dict[str, jax.Array]:
-  fn = metrics.all_metrics
-  for _ in range(scores_in.ndim - 1):  # one vmap per leading grid axis
-    fn = jax.vmap(fn)
-  return fn(scores_in, scores_out)
-
-
-_metrics_grid_jit = jax.jit(_metrics_grid)
-
-
-def metrics_grid(scores_in, scores_out) -> dict[str, jax.Array]:
-  """`metrics.all_metrics` for every grid point of two score grids, in one compiled call.
-
-  Args:
-    scores_in: [T, E, N] in-distribution scores (any number of leading grid axes, e.g. [T, N]).
-    scores_out: [T, E, M] out-of-distribution scores with the same leading axes.
-
-  Returns:
-    dict with keys "fpr95", "detection_error", "auroc", "aupr_in", "aupr_out", each [T, E]
-    float32 (ID = positive class, as in ODIN).
-
-  Raises:
-    ValueError: mismatched leading axes, empty score vectors, or NaN scores (metrics cannot check
-      for NaN under `vmap`, so it is checked here first).
-  """
-  scores_in, scores_out = jnp.asarray(scores_in), jnp.asarray(scores_out)
-  if scores_in.ndim < 1 or scores_in.shape[:-1] != scores_out.shape[:-1]:
-    raise ValueError(f"score grids must share their leading axes, got {scores_in.shape} and "
-                     f"{scores_out.shape}.")
-  for name, s in (("scores_in", scores_in), ("scores_out", scores_out)):
-    if s.shape[-1] == 0:
-      raise ValueError(f"{name} is empty along its last axis.")
-    if not isinstance(s, jax.core.Tracer) and bool(jnp.isnan(s).any()):
-      raise ValueError(f"{name} contains NaN.")
-  return _metrics_grid_jit(scores_in, scores_out)
+  return map_padded(
+      lambda chunk: _odin_grid_chunk_jit(apply_fn, variables, chunk, temperatures, epsilons, std,
+                                         forward_batch=batch), x, chunk_size, out_axis=-1)

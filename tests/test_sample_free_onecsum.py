@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oodjax.detectors import onecsum, whitebox
+from oodjax.detectors.sample_free import onecsum, supervised, whitebox
 from oodjax.models import get_model
 
 SHAPE = (8, 8, 1)
@@ -83,8 +83,45 @@ def test_supervised_upper_bound_separates_what_is_separable():
   a_out = rng.normal(size=200)
   scores_in = {"a": a_in, "b": a_in - 1.0}
   scores_out = {"a": a_out, "b": a_out + 1.0}
-  result = onecsum.supervised_upper_bound(scores_in, scores_out)
+  result = _fit_and_score(scores_in, scores_out)
   assert result["auroc"] > 0.999
-  same = onecsum.supervised_upper_bound({"a": rng.normal(size=300)},
-                                        {"a": rng.normal(size=300)})
+  same = _fit_and_score({"a": rng.normal(size=300)}, {"a": rng.normal(size=300)})
   assert 0.35 < same["auroc"] < 0.65
+
+
+def _fit_and_score(scores_in, scores_out, seed=0):
+  """The paper's protocol: fit on a random half of each set, AUROC on the other half."""
+  from sklearn.metrics import roc_auc_score
+  n_in, n_out = len(next(iter(scores_in.values()))), len(next(iter(scores_out.values())))
+  fit_in, eval_in, fit_out, eval_out = supervised.paper_halves(n_in, n_out, seed)
+  pick = lambda d, idx: {k: np.asarray(v)[idx] for k, v in d.items()}
+  weights = supervised.fit_supervised(pick(scores_in, fit_in), pick(scores_out, fit_out))
+  s_in = supervised.supervised_score(pick(scores_in, eval_in), weights)
+  s_out = supervised.supervised_score(pick(scores_out, eval_out), weights)
+  labels = np.r_[np.zeros(len(eval_in)), np.ones(len(eval_out))]
+  return {"auroc": roc_auc_score(labels, np.r_[s_in, s_out])}
+
+
+def test_supervised_score_is_sklearns_decision_function():
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+  rng = np.random.default_rng(1)
+  f_in = {"a": rng.normal(size=50), "b": rng.normal(2.0, 3.0, size=50)}
+  f_out = {"a": rng.normal(1.0, size=40), "b": rng.normal(size=40)}
+  weights = supervised.fit_supervised(f_in, f_out)
+  x = np.r_[np.c_[f_in["a"], f_in["b"]], np.c_[f_out["a"], f_out["b"]]]
+  scaler = StandardScaler().fit(x)
+  clf = LogisticRegression(max_iter=1000).fit(scaler.transform(x), np.r_[np.zeros(50), np.ones(40)])
+  want = clf.decision_function(scaler.transform(x))
+  got = supervised.supervised_score({"a": jnp.asarray(x[:, 0], jnp.float32),
+                                     "b": jnp.asarray(x[:, 1], jnp.float32)}, weights)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_paper_halves_partition_each_set():
+  fit_in, eval_in, fit_out, eval_out = supervised.paper_halves(11, 8, seed=3)
+  assert (len(fit_in), len(eval_in), len(fit_out), len(eval_out)) == (5, 6, 4, 4)
+  assert sorted(np.r_[fit_in, eval_in]) == list(range(11))
+  assert sorted(np.r_[fit_out, eval_out]) == list(range(8))
+  # The ID half does not depend on the OOD set's size.
+  assert np.array_equal(supervised.paper_halves(11, 30, seed=3)[0], fit_in)

@@ -44,10 +44,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oodjax.detectors.odin.preprocessing import odin_score
+from oodjax.detectors.softmax import T1000_TEMPERATURE
 from oodjax.models.insides import forward_with_insides
 
 PROBABILITY_INDICATORS = ("MP", "H", "T1000")
@@ -58,8 +61,7 @@ INPUT_INDICATORS = ("IN-DMS", "IN-DMS-AOS", "IN-DSS", "IN-DSS-EXT")
 ALL_INDICATORS = (PROBABILITY_INDICATORS + LATENT_INDICATORS + BATCHNORM_INDICATORS
                   + INPUT_INDICATORS)
 
-# The paper's sample-free settings (Section 2.1 and Eq. 30).
-T1000_TEMPERATURE = 1000.0
+# The paper's sample-free settings (Section 2.1 and Eq. 30); T = 1000 is `T1000_TEMPERATURE`.
 ODIN_EPSILON = 8e-4
 DSS_EXT_ALPHA = 0.1
 
@@ -86,6 +88,7 @@ def probability_indicators(logits: jax.Array,
   References:
     Begon & Geurts 2021, Eq. 7 (MP), Eq. 8 (H), Eqs. 10-11 (T1000).
   """
+  chex.assert_rank(logits, 2)
   log_p = jax.nn.log_softmax(logits, axis=-1)  # [B, K]
   # exp(max log p) rather than max softmax: the same number, without forming p twice.
   mp = 1.0 - jnp.exp(jnp.max(log_p, axis=-1))
@@ -100,18 +103,18 @@ def odin_indicator(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: A
                    epsilon: float = ODIN_EPSILON) -> jax.Array:
   """ODIN with the paper's fixed sample-free hyperparameters: T1000 of the perturbed input.
 
-  A thin wrapper over `oodjax.detectors.softmax.odin` (the perturbation needs a backward pass,
+  A thin wrapper over `oodjax.detectors.odin.odin_score` (the perturbation needs a backward pass,
   so it is not part of `indicators`). The paper calls eps = 8e-4 "the default value of the
   noise magnitude proposed in the original paper"; the ODIN authors' own code defaults to
   0.0014. We keep the paper's 8e-4 so results compare with its tables. The paper's Eq. 9 reads
-  x' = x + eps sign(grad_x E), which would raise the loss; `odin` follows ODIN itself and steps
+  x' = x + eps sign(grad_x E), which would raise the loss; `odin_score` follows ODIN itself and steps
   against the gradient (lowering the loss of the predicted class), with eps in pixel units.
 
   Args:
     apply_fn: `apply_fn(variables, x) -> logits [B, K]` in inference mode.
     variables: the network's variables.
     x: [B, H, W, C] normalised inputs.
-    std: [C] the per-channel std used to normalise `x`; `odin` divides the pixel-space step
+    std: [C] the per-channel std used to normalise `x`; `odin_score` divides the pixel-space step
       by it.
     temperature: T (paper: 1000).
     epsilon: perturbation magnitude (paper: 8e-4).
@@ -122,9 +125,7 @@ def odin_indicator(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: A
   References:
     Begon & Geurts 2021, Eqs. 9-12; Liang, Li & Srikant 2018 (ODIN).
   """
-  # Imported here: another module owns ODIN, and importing this one must not require it.
-  from oodjax.detectors.softmax import odin  # pylint: disable=g-import-not-at-top
-  return odin(apply_fn, variables, x, temperature=temperature, epsilon=epsilon, std=std)
+  return odin_score(apply_fn, variables, x, temperature=temperature, epsilon=epsilon, std=std)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +172,8 @@ def latent_indicators(features: jax.Array, kernel: jax.Array,
     Begon & Geurts 2021, Eqs. 14 (NORM), 15 (ANG), 16 (PROJ), 17 (ACT); Section 2.1
     "Positivity" (NORM+, ANG++, ACT+); Table 2 (ANG+).
   """
+  chex.assert_rank([features, kernel, logits], 2)
+  chex.assert_equal_shape_prefix([features, logits], 1)
   k = jnp.argmax(logits, axis=-1)  # [B]
   w = jnp.take(kernel.T, k, axis=0)  # [B, D] the winning class's hyperplane w_k per example
   positive = w > 0  # [B, D]

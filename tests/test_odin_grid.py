@@ -1,4 +1,4 @@
-"""ODIN's (T, ε) grid against per-config `odin`, compile-once, chunking, map/vmap variants."""
+"""ODIN's (T, ε) grid against per-config `odin_score`, compile-once, chunking, map/vmap variants."""
 from __future__ import annotations
 
 import jax
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from oodjax import detectors, metrics, sweep
+from oodjax import detectors, metrics
 from oodjax.detectors import softmax
+from oodjax.detectors.odin import odin_grid
 from test_detectors_softmax import (STD, conv_net, inputs, mlp_apply, mlp_params, np_odin,
                                     to_jax)
 
@@ -19,7 +20,7 @@ EPSILONS = (0.0, 0.004, 0.05)
 def test_grid_matches_reference_per_config():
   p, x = mlp_params(), inputs(n=7)
   # chunk_size 3 pads the last chunk (7 = 3 + 3 + 1); forward_batch 2 leaves a lax.map remainder.
-  grid = sweep.odin_grid(mlp_apply, to_jax(p), x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
+  grid = odin_grid(mlp_apply, to_jax(p), x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
                          forward_batch=2)
   assert grid.shape == (3, 3, 7) and grid.dtype == np.float32
   for t, temperature in enumerate(TEMPERATURES):
@@ -32,10 +33,10 @@ def test_grid_equals_odin_per_config_on_a_conv_net():
   apply_fn, variables = conv_net(num_classes=4, channels=2)
   x = np.random.default_rng(3).normal(size=(5, 8, 8, 2)).astype(np.float32)
   temperatures, epsilons = (1.0, 1000.0), (0.0, 0.01, 0.1)
-  grid = sweep.odin_grid(apply_fn, variables, x, temperatures, epsilons, std=STD, chunk_size=3,
+  grid = odin_grid(apply_fn, variables, x, temperatures, epsilons, std=STD, chunk_size=3,
                          forward_batch=4)
   # One compiled `odin` with traced (T, ε): eager conv backward passes are slow on CPU.
-  odin = jax.jit(lambda t, e: detectors.odin(apply_fn, variables, jnp.asarray(x), temperature=t,
+  odin = jax.jit(lambda t, e: detectors.odin_score(apply_fn, variables, jnp.asarray(x), temperature=t,
                                              epsilon=e, std=STD))
   for t, temperature in enumerate(temperatures):
     for e, epsilon in enumerate(epsilons):
@@ -52,19 +53,19 @@ def test_grid_traces_once_for_new_values_and_reuses_it_across_chunks():
 
   p, x = mlp_params(), inputs(n=7)
   v = to_jax(p)
-  first = sweep.odin_grid(counting_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
+  first = odin_grid(counting_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
                           forward_batch=3)
   traced = len(traces)
   assert traced > 0
   # New temperature and epsilon VALUES, same shapes: no new trace, and the new values are used.
-  second = sweep.odin_grid(counting_apply, v, x, (2.0, 3.0, 500.0), (0.001, 0.002, 0.2),
+  second = odin_grid(counting_apply, v, x, (2.0, 3.0, 500.0), (0.001, 0.002, 0.2),
                            std=STD, chunk_size=3, forward_batch=3)
   assert len(traces) == traced
   np.testing.assert_allclose(second[2, 2], np_odin(p, x.astype(np.float64), 500.0, 0.2),
                              rtol=2e-5, atol=2e-7)
   assert not np.allclose(first, second)
   # A new grid SHAPE must retrace: shows the counter can see a trace.
-  sweep.odin_grid(counting_apply, v, x, (2.0, 3.0), EPSILONS, std=STD, chunk_size=3,
+  odin_grid(counting_apply, v, x, (2.0, 3.0), EPSILONS, std=STD, chunk_size=3,
                   forward_batch=3)
   assert len(traces) > traced
 
@@ -72,10 +73,10 @@ def test_grid_traces_once_for_new_values_and_reuses_it_across_chunks():
 def test_chunking_and_batching_variants_agree():
   p, x = mlp_params(), inputs(n=7)
   v = to_jax(p)
-  one_chunk = sweep.odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=100,
+  one_chunk = odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=100,
                               forward_batch=None)
   for chunk_size, forward_batch in [(2, None), (3, 4), (100, "auto")]:
-    got = sweep.odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD,
+    got = odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD,
                           chunk_size=chunk_size, forward_batch=forward_batch)
     # Different batch shapes round differently in the matmuls: agreement to float32 noise.
     np.testing.assert_allclose(got, one_chunk, rtol=1e-5, atol=1e-6,
@@ -95,27 +96,27 @@ def test_chunking_and_batching_variants_agree():
 def test_grid_rejects_bad_arguments(kwargs, match):
   kwargs = {"std": STD, **kwargs}
   with pytest.raises(ValueError, match=match):
-    sweep.odin_grid(mlp_apply, to_jax(mlp_params()), inputs(n=2), **kwargs)
+    odin_grid(mlp_apply, to_jax(mlp_params()), inputs(n=2), **kwargs)
 
 
 def test_score_grid_matches_per_temperature_calls():
   v, x = to_jax(mlp_params()), jnp.asarray(inputs())
   for detector in (softmax.temperature_scaled, detectors.energy):
-    grid = sweep.score_grid(detector, mlp_apply, v, x, TEMPERATURES)
+    grid = softmax.score_grid(detector, mlp_apply, v, x, TEMPERATURES)
     assert grid.shape == (3, x.shape[0])
     for t, temperature in enumerate(TEMPERATURES):
       np.testing.assert_allclose(np.asarray(grid[t]),
                                  np.asarray(detector(mlp_apply, v, x, temperature=temperature)),
                                  rtol=1e-6)
   with pytest.raises(ValueError, match="> 0"):
-    sweep.score_grid(detectors.energy, mlp_apply, v, x, (1.0, -1.0))
+    softmax.score_grid(detectors.energy, mlp_apply, v, x, (1.0, -1.0))
 
 
 def test_metrics_grid_matches_per_cell_metrics():
   rng = np.random.default_rng(0)
   scores_in = rng.normal(size=(2, 3, 20)).astype(np.float32)
   scores_out = (rng.normal(size=(2, 3, 15)) + rng.uniform(0, 2, size=(2, 3, 1))).astype(np.float32)
-  table = sweep.metrics_grid(scores_in, scores_out)
+  table = metrics.metrics_grid(scores_in, scores_out)
   assert set(table) == {"fpr95", "detection_error", "auroc", "aupr_in", "aupr_out"}
   for t in range(2):
     for e in range(3):
@@ -130,10 +131,10 @@ def test_metrics_grid_matches_per_cell_metrics():
 
 def test_metrics_grid_rejects_mismatched_or_nan_grids():
   with pytest.raises(ValueError, match="leading axes"):
-    sweep.metrics_grid(np.zeros((2, 3, 5)), np.zeros((3, 2, 5)))
+    metrics.metrics_grid(np.zeros((2, 3, 5)), np.zeros((3, 2, 5)))
   bad = np.zeros((2, 3, 5))
   bad[1, 1, 1] = np.nan
   with pytest.raises(ValueError, match="NaN"):
-    sweep.metrics_grid(bad, np.zeros((2, 3, 4)))
+    metrics.metrics_grid(bad, np.zeros((2, 3, 4)))
   with pytest.raises(ValueError, match="empty"):
-    sweep.metrics_grid(np.zeros((2, 3, 0)), np.zeros((2, 3, 4)))
+    metrics.metrics_grid(np.zeros((2, 3, 0)), np.zeros((2, 3, 4)))

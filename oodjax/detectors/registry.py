@@ -1,0 +1,188 @@
+"""The registry: every detector oodjax ships, one explicit `Detector` entry each.
+
+A config names entries in `eval.detectors`; `oodjax.evaluate` fits them, scores them in one
+compiled program per (model, batch shape), and reports one row per entry (the "indicators"
+entry gives one row per indicator). Entries are plain module-level functions over the methods'
+modules: nothing here computes anything new. A user's own detector goes into a registry of the
+user's own, `{**REGISTRY, "mine": Detector(...)}` (see `oodjax.detectors.protocol`).
+
+| name                      | fit sees                      | paper                               |
+|---------------------------|-------------------------------|-------------------------------------|
+| msp                       | nothing                       | Hendrycks & Gimpel 2017 (baseline)  |
+| max_logit, energy, t1000  | nothing                       | MaxLogit, energy, T1000             |
+| odin_fixed                | nothing (T, ε from options)   | ODIN at a fixed (T, ε); sample-free |
+| odin_tuned_on_ood         | held-out ID + held-out OOD    | ODIN, Sec. 4.4 protocol             |
+| odin_tuned_without_ood    | held-out ID                   | ODIN, ε chosen as Generalized ODIN  |
+| indicators                | nothing                       | sample-free, Eqs. 7-30 (19 rows)    |
+| 1c_sum                    | generated noise               | sample-free, Eq. 31                 |
+| supervised                | held-out ID + held-out OOD    | sample-free, supervised upper bound |
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from oodjax.batching import map_padded
+from oodjax.detectors import softmax
+from oodjax.detectors.odin import preprocessing, tuning
+from oodjax.detectors.protocol import (HELDOUT_ID, HELDOUT_OOD, NOISE, Detector, FitData,
+                                       fixed_state)
+from oodjax.detectors.sample_free import whitebox
+from oodjax.detectors.sample_free import onecsum, supervised
+from oodjax.models.insides import inference_apply
+
+
+# --- Scores: (model, variables, state, x) -> [B] -----------------------------------------------
+
+
+def score_msp(model, variables, state, x):
+  del state
+  return softmax.msp(inference_apply(model), variables, x)
+
+
+def score_max_logit(model, variables, state, x):
+  del state
+  return softmax.max_logit(inference_apply(model), variables, x)
+
+
+def score_energy(model, variables, state, x):
+  return softmax.energy(inference_apply(model), variables, x, temperature=state["temperature"])
+
+
+def score_temperature_scaled(model, variables, state, x):
+  return softmax.temperature_scaled(inference_apply(model), variables, x,
+                                    temperature=state["temperature"])
+
+
+def score_odin(model, variables, state, x):
+  """Every ODIN row, whichever way its (T, ε) was chosen, is scored here."""
+  return preprocessing.odin_score(inference_apply(model), variables, x,
+                                  temperature=state["temperature"], epsilon=state["epsilon"],
+                                  std=state["std"])
+
+
+def score_indicators(model, variables, state, x):
+  del state
+  return whitebox.indicators(model, variables, x)
+
+
+def score_one_c_sum(model, variables, state, x):
+  # All indicators, as the "indicators" entry computes them: XLA merges the two forward passes.
+  return onecsum.one_c_sum(whitebox.indicators(model, variables, x), state)
+
+
+def score_supervised(model, variables, state, x):
+  return supervised.supervised_score(whitebox.indicators(model, variables, x), state)
+
+
+# --- Fits: (model, variables, data, options) -> (state, info) ---------------------------------
+
+
+def _odin_state(temperature: float, epsilon: float, data: FitData) -> dict[str, Any]:
+  return {"temperature": np.float32(temperature), "epsilon": np.float32(epsilon),
+          "std": np.asarray(data.std, np.float32)}
+
+
+def fit_odin_fixed(model, variables, data, options):
+  del model, variables
+  temperature, epsilon = float(options["temperature"]), float(options["epsilon"])
+  softmax.check_temperature(temperature)
+  softmax.check_epsilon(epsilon)
+  return (_odin_state(temperature, epsilon, data),
+          {"temperature": temperature, "epsilon": epsilon})
+
+
+def fit_odin_tuned_on_ood(model, variables, data, options):
+  """The paper's protocol: per OOD set, the (T, ε) of least held-out FPR at 95% TPR."""
+  choices = tuning.tune_on_heldout(
+      inference_apply(model), variables, data.heldout_id, data.heldout_ood, std=data.std,
+      temperatures=options["temperatures"], epsilons=options["epsilons"],
+      chunk_size=int(options["chunk_size"]))
+  states, infos = {}, {}
+  for name, c in choices.items():
+    states[name] = _odin_state(c["temperature"], c["epsilon"], data)
+    infos[name] = {"temperature": c["temperature"], "epsilon": c["epsilon"],
+                   "tune_fpr95": c["tune_fpr95"],
+                   "grid": {"temperatures": [float(t) for t in options["temperatures"]],
+                            "epsilons": [float(e) for e in options["epsilons"]],
+                            "fpr95": np.asarray(c["grid_fpr95"]).tolist(),
+                            "chosen": [c["t_index"], c["e_index"]]}}
+  return states, infos
+
+
+def fit_odin_tuned_without_ood(model, variables, data, options):
+  choice = tuning.tune_without_ood_on_heldout(
+      inference_apply(model), variables, data.heldout_id, std=data.std,
+      temperature=float(options["no_ood_temperature"]), epsilons=options["epsilons"],
+      chunk_size=int(options["chunk_size"]))
+  return (_odin_state(choice["temperature"], choice["epsilon"], data),
+          {"temperature": choice["temperature"], "epsilon": choice["epsilon"]})
+
+
+def fit_nothing(model, variables, data, options):
+  del model, variables, data, options
+  return {}, {}
+
+
+def fit_one_c_sum(model, variables, data, options):
+  """1C-Sum's only fit: each member indicator's mean and std on uniform noise (Eq. 31)."""
+  stats = onecsum.fit_noise_stats(model, variables, data.image_shape, data.mean, data.std,
+                                  n=int(options["noise_n"]), seed=int(options["noise_seed"]),
+                                  batch_size=data.batch_size)
+  state = {"indicators": {name: {"mean": np.float32(v["mean"]), "std": np.float32(v["std"])}
+                          for name, v in stats["indicators"].items()}}
+  return state, {"noise_n": stats["n"], "noise_seed": stats["seed"],
+                 "noise_stats": stats["indicators"]}
+
+
+def _indicators_of(model, variables, x, batch_size: int) -> dict[str, np.ndarray]:
+  return map_padded(lambda batch: _indicators_jit(model, variables, batch), x, batch_size)
+
+
+_indicators_jit = jax.jit(whitebox.indicators, static_argnums=0)
+
+
+def fit_supervised(model, variables, data, options):
+  """Per OOD set, a logistic regression on every indicator of the held-out images."""
+  del options
+  features_in = _indicators_of(model, variables, data.heldout_id, data.batch_size)
+  states = {}
+  for name, x_out in data.heldout_ood.items():
+    features_out = _indicators_of(model, variables, x_out, data.batch_size)
+    states[name] = supervised.fit_supervised(features_in, features_out)
+  return states, {name: {} for name in states}
+
+
+# --- The registry ---------------------------------------------------------------------------
+
+REGISTRY: dict[str, Detector] = {
+    "msp": Detector("Baseline (MSP)", fit_nothing, score_msp),
+    "max_logit": Detector("Max logit", fit_nothing, score_max_logit),
+    "energy": Detector("Energy", fixed_state(temperature=1.0), score_energy, options="energy"),
+    # Temperature scaling alone at T = 1000: the sample-free "T1000" (ODIN with ε = 0).
+    "t1000": Detector("T1000", fixed_state(temperature=softmax.T1000_TEMPERATURE),
+                      score_temperature_scaled),
+    "odin_fixed": Detector(
+        "ODIN (fixed T, ε)", fit_odin_fixed, score_odin, options="odin_fixed",
+        defaults={"temperature": softmax.T1000_TEMPERATURE,
+                  "epsilon": whitebox.ODIN_EPSILON}),
+    "odin_tuned_on_ood": Detector(
+        "ODIN (tuned on OOD)", fit_odin_tuned_on_ood, score_odin,
+        sees=frozenset({HELDOUT_ID, HELDOUT_OOD}), options="odin",
+        defaults={"temperatures": tuning.PAPER_TEMPERATURES, "epsilons": tuning.PAPER_EPSILONS,
+                  "chunk_size": 250}),
+    "odin_tuned_without_ood": Detector(
+        "ODIN (tuned without OOD)", fit_odin_tuned_without_ood, score_odin,
+        sees=frozenset({HELDOUT_ID}), options="odin",
+        defaults={"no_ood_temperature": softmax.T1000_TEMPERATURE,
+                  "epsilons": tuning.PAPER_EPSILONS, "chunk_size": 250}),
+    "indicators": Detector("Sample-free indicators", fit_nothing, score_indicators,
+                           row_prefix="ind:"),
+    "1c_sum": Detector("1C-Sum", fit_one_c_sum, score_one_c_sum, sees=frozenset({NOISE}),
+                       options="sample_free", defaults={"noise_n": 10_000, "noise_seed": 0}),
+    "supervised": Detector("Supervised (upper bound)", fit_supervised, score_supervised,
+                           sees=frozenset({HELDOUT_ID, HELDOUT_OOD}),
+                           halves_without_holdout=True),
+}
