@@ -14,11 +14,9 @@ score difference between (1) and (2). Needs the `bench` extra (torch 2.13.0 CPU)
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import pathlib
-import sys
 import time
 
 import jax

@@ -6,7 +6,7 @@
 Both functions are jitted, warmed up, then timed side by side: each repeat runs the plain
 forward and the indicator pass over the same N images (batches of `--batch-size`) back to
 back, alternating which goes first, and the medians of the repeats are compared. The
-indicator pass is `oodjax.detectors.sample_free.whitebox.indicators` with every indicator it computes
+indicator pass is `oodjax.detectors.sample_free.whitebox.indicators`, every indicator it computes
 (MP, H, T1000, the 8 latent ones, DMS/DMS-AOS/DSS/DSS-EXT and the 4 IN- ones) from one
 forward pass; the paper's goal is "little additional cost" (we aim for <= 1.3x).
 Runtime: about a minute on 2 CPU cores (untrained weights: speed does not depend on them).

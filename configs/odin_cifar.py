@@ -56,7 +56,6 @@ it); oodjax's `detection_error` is the minimum over thresholds (see experiments/
 """
 import pathlib
 
-import ml_collections
 
 from oodjax.config import load_config
 from oodjax.train.schedules import paper_train_overrides

@@ -195,6 +195,21 @@ def check_plan(detectors: Sequence[str], registry: Mapping[str, Detector],
   return entries
 
 
+def _fit_data(entry: Detector, id_test: ImageDataset, ood_sets: Mapping[str, ImageDataset],
+              fit_in, fit_out, id_train, seed: int, batch_size: int) -> FitData:
+  """The `FitData` of one entry: the normalisation always, data only where `sees` says so."""
+  data = {}
+  if HELDOUT_ID in entry.sees:
+    data["heldout_id"] = normalize(id_test.images[fit_in], id_test.mean, id_test.std)
+  if HELDOUT_OOD in entry.sees:
+    data["heldout_ood"] = {n: normalize(ds.images[fit_out[n]], ds.mean, ds.std)
+                           for n, ds in ood_sets.items()}
+  if ID_TRAIN in entry.sees:
+    data["id_train"] = id_train
+  return FitData(image_shape=id_test.image_shape, mean=tuple(id_test.mean),
+                 std=tuple(id_test.std), seed=seed, batch_size=batch_size, **data)
+
+
 def evaluate_ood(model, variables: Any, id_test: ImageDataset,
                  ood_sets: Mapping[str, ImageDataset], detectors: Sequence[str], *,
                  registry: Mapping[str, Detector] | None = None,
@@ -227,8 +242,8 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
     (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_order", "ood_sizes",
     "protocol", "rows" (in report order), "labels", "sees" (row -> what its fit saw),
     "detectors": {row: {ood_set: {metric: value, plus the fit's T and ε}}}, "fit_info":
-    {entry: the fit's info, {ood_set: info} for per-set entries}}; scores maps ood_set -> row -> (scores_in,
-    scores_out) on the evaluation images, for plots.
+    {entry: the fit's info, {ood_set: info} for per-set entries}}; scores maps
+    ood_set -> row -> (scores_in, scores_out) on the evaluation images, for plots.
 
   Raises:
     ValueError: an unknown detector, mismatched image shapes, a detector that needs a holdout
@@ -260,24 +275,12 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   bar = tqdm.tqdm(total=len(entries) + 2 + 2 * len(ood_sets), disable=not progress, unit="step",
                   dynamic_ncols=True)
   fingerprint = weights_fingerprint(variables) if state_dir is not None else None
-  x_in_all = None
 
   states, infos = {}, {}
   for name, entry in entries.items():
     bar.set_description(f"fitting {name}")
     _, _, fit_in, fit_out = splits[name]
-    data = {}
-    if HELDOUT_ID in entry.sees:
-      x_in_all = normalize(id_test.images, id_test.mean, id_test.std) if x_in_all is None \
-          else x_in_all
-      data["heldout_id"] = x_in_all[fit_in]
-    if HELDOUT_OOD in entry.sees:
-      data["heldout_ood"] = {n: normalize(ds.images[fit_out[n]], ds.mean, ds.std)
-                             for n, ds in ood_sets.items()}
-    if ID_TRAIN in entry.sees:
-      data["id_train"] = id_train
-    fit_data = FitData(image_shape=id_test.image_shape, mean=tuple(id_test.mean),
-                       std=tuple(id_test.std), seed=seed, batch_size=batch_size, **data)
+    fit_data = _fit_data(entry, id_test, ood_sets, fit_in, fit_out, id_train, seed, batch_size)
     entry_options = {**entry.defaults, **options.get(entry.options, {})} if entry.options \
         else dict(entry.defaults)
     fitted_on = {
@@ -290,17 +293,13 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
         "split": {"holdout": holdout, "seed": seed} if entry.sees_heldout else None,
         "ood_sets": ({n: ood_sizes[n] for n in ood_sets} if entry.per_ood_set else None)}
     # Only fits that look at data are worth keeping; fixed hyperparameters are refitted for free.
-    keep = state_dir is not None and bool(entry.sees)
-    path = pathlib.Path(state_dir) / f"{name}.json" if keep else None
+    path = pathlib.Path(state_dir) / f"{name}.json" if state_dir and entry.sees else None
     loaded = load_state(path, fitted_on) if path is not None else None
     if loaded is None:
-      state, info = entry.fit(model, variables, fit_data, entry_options)
+      loaded = entry.fit(model, variables, fit_data, entry_options)
       if path is not None:
-        save_state(path, state, info, fitted_on)
-    else:
-      state, info = loaded
-    states[name] = jax.tree.map(jnp.asarray, state)
-    infos[name] = info
+        save_state(path, *loaded, fitted_on)
+    states[name], infos[name] = jax.tree.map(jnp.asarray, loaded[0]), loaded[1]
     bar.update(1)
 
   results = {"accuracy": accuracy(model, variables, id_test, batch_size), "num_in": n_in,

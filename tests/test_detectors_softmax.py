@@ -161,7 +161,6 @@ def test_odin_with_zero_epsilon_is_temperature_scaling():
 def test_odin_on_a_batchnorm_conv_net_scores_each_image_alone():
   # Inference-mode BN: the gradient of the summed loss is each example's own gradient, so
   # scoring a batch equals scoring each image alone.
-  from oodjax.models import get_model
   apply_fn, variables = conv_net(num_classes=3, channels=2)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 2)), jnp.float32)
   # Jitted: op-by-op dispatch of a conv net's backward pass is slow on CPU.

@@ -21,7 +21,7 @@ def test_grid_matches_reference_per_config():
   p, x = mlp_params(), inputs(n=7)
   # chunk_size 3 pads the last chunk (7 = 3 + 3 + 1); forward_batch 2 leaves a lax.map remainder.
   grid = odin_grid(mlp_apply, to_jax(p), x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
-                         forward_batch=2)
+                   forward_batch=2)
   assert grid.shape == (3, 3, 7) and grid.dtype == np.float32
   for t, temperature in enumerate(TEMPERATURES):
     for e, epsilon in enumerate(EPSILONS):
@@ -34,10 +34,10 @@ def test_grid_equals_odin_per_config_on_a_conv_net():
   x = np.random.default_rng(3).normal(size=(5, 8, 8, 2)).astype(np.float32)
   temperatures, epsilons = (1.0, 1000.0), (0.0, 0.01, 0.1)
   grid = odin_grid(apply_fn, variables, x, temperatures, epsilons, std=STD, chunk_size=3,
-                         forward_batch=4)
+                   forward_batch=4)
   # One compiled `odin` with traced (T, ε): eager conv backward passes are slow on CPU.
-  odin = jax.jit(lambda t, e: detectors.odin_score(apply_fn, variables, jnp.asarray(x), temperature=t,
-                                             epsilon=e, std=STD))
+  odin = jax.jit(lambda t, e: detectors.odin_score(apply_fn, variables, jnp.asarray(x),
+                                                   temperature=t, epsilon=e, std=STD))
   for t, temperature in enumerate(temperatures):
     for e, epsilon in enumerate(epsilons):
       want = odin(jnp.float32(temperature), jnp.float32(epsilon))
@@ -54,19 +54,19 @@ def test_grid_traces_once_for_new_values_and_reuses_it_across_chunks():
   p, x = mlp_params(), inputs(n=7)
   v = to_jax(p)
   first = odin_grid(counting_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=3,
-                          forward_batch=3)
+                    forward_batch=3)
   traced = len(traces)
   assert traced > 0
   # New temperature and epsilon VALUES, same shapes: no new trace, and the new values are used.
   second = odin_grid(counting_apply, v, x, (2.0, 3.0, 500.0), (0.001, 0.002, 0.2),
-                           std=STD, chunk_size=3, forward_batch=3)
+                     std=STD, chunk_size=3, forward_batch=3)
   assert len(traces) == traced
   np.testing.assert_allclose(second[2, 2], np_odin(p, x.astype(np.float64), 500.0, 0.2),
                              rtol=2e-5, atol=2e-7)
   assert not np.allclose(first, second)
   # A new grid SHAPE must retrace: shows the counter can see a trace.
   odin_grid(counting_apply, v, x, (2.0, 3.0), EPSILONS, std=STD, chunk_size=3,
-                  forward_batch=3)
+            forward_batch=3)
   assert len(traces) > traced
 
 
@@ -74,10 +74,10 @@ def test_chunking_and_batching_variants_agree():
   p, x = mlp_params(), inputs(n=7)
   v = to_jax(p)
   one_chunk = odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD, chunk_size=100,
-                              forward_batch=None)
+                        forward_batch=None)
   for chunk_size, forward_batch in [(2, None), (3, 4), (100, "auto")]:
     got = odin_grid(mlp_apply, v, x, TEMPERATURES, EPSILONS, std=STD,
-                          chunk_size=chunk_size, forward_batch=forward_batch)
+                    chunk_size=chunk_size, forward_batch=forward_batch)
     # Different batch shapes round differently in the matmuls: agreement to float32 noise.
     np.testing.assert_allclose(got, one_chunk, rtol=1e-5, atol=1e-6,
                                err_msg=f"{chunk_size}, {forward_batch}")

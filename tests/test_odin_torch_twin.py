@@ -5,8 +5,6 @@ Needs the `bench` extra (torch 2.13.0 CPU); CI installs it (`OODJAX_EXTRAS=test,
 `bash scripts/test.sh` skips this file with that reason.
 """
 import functools
-import pathlib
-import sys
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""The paper's tuning protocol: splits, selection on hand-made grids, tune_odin, the OOD-free variant."""
+"""ODIN's tuning protocol: splits, selection on hand-made grids, tune_odin, the OOD-free variant."""
 from __future__ import annotations
 
 import inspect

@@ -9,8 +9,9 @@ Hyperparameters (`temperature`, `epsilon`) are ordinary array arguments, never s
 concrete (a Python number or a committed array): temperature <= 0 or epsilon < 0 raise
 `ValueError`. Under `jit`/`vmap` they are tracers whose values cannot be inspected; nothing is
 checked then and a non-positive temperature gives NaN or meaningless scores, so callers that trace
-over a grid (`oodjax.detectors.odin.grid`) validate the whole grid before tracing. Shape checks (a scalar
-hyperparameter, `std` of length C) are static and always run.
+over a grid (`check_grid`, `oodjax.detectors.odin.grid`) validate the whole grid before tracing.
+Shape checks (a scalar hyperparameter, `std` of length C, [B, K] logits) are static and always
+run.
 
 Every formula works in log space (`log_softmax`, `logsumexp`), so T = 1000 and logits of +-1e4
 neither overflow nor lose the winning class to rounding.

@@ -61,7 +61,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 __all__ = [
     "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ConvBlock",
-    "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "NormReLU", "ResNet", "ResNetStage",
+    "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "NormReLU", "ResNet",
+    "ResNetStage",
     "SmallCNN", "Transition", "VGG", "VGGStage", "WideBasicBlock", "WideResNet",
     "feature_map_gradient", "forward_with_insides", "get_model", "inference_apply",
     "is_block_or_stage",

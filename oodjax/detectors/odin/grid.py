@@ -49,7 +49,8 @@ def _resolve_forward_batch(forward_batch: int | None | str) -> int | None:
   if forward_batch is None:
     return None
   if isinstance(forward_batch, bool) or not isinstance(forward_batch, int) or forward_batch < 1:
-    raise ValueError(f"forward_batch must be a positive int, None or 'auto', got {forward_batch!r}.")
+    raise ValueError("forward_batch must be a positive int, None or 'auto', "
+                     f"got {forward_batch!r}.")
   return forward_batch
 
 
@@ -103,8 +104,9 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
     epsilons: [E] values >= 0 (concrete), in [0, 1]-pixel units as in `odin_score`.
     std: [C] the per-channel std the inputs were normalised with.
     chunk_size: images per compiled call; the last chunk is padded to this size
-      (`oodjax.batching.map_padded`). Peak memory is about T · chunk_size input gradients plus the activations of
-      `forward_batch` · chunk_size images (T · E · chunk_size with `forward_batch=None`).
+      (`oodjax.batching.map_padded`). Peak memory is about T · chunk_size input gradients
+      plus the activations of `forward_batch` · chunk_size images (T · E · chunk_size with
+      `forward_batch=None`).
     forward_batch: configs per step of the T backward and T·E forward passes: an int for
       `lax.map` groups (CPU), None for one full `vmap` (accelerators), "auto" to pick by backend.
 

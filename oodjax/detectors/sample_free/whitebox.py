@@ -107,8 +107,8 @@ def odin_indicator(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: A
   so it is not part of `indicators`). The paper calls eps = 8e-4 "the default value of the
   noise magnitude proposed in the original paper"; the ODIN authors' own code defaults to
   0.0014. We keep the paper's 8e-4 so results compare with its tables. The paper's Eq. 9 reads
-  x' = x + eps sign(grad_x E), which would raise the loss; `odin_score` follows ODIN itself and steps
-  against the gradient (lowering the loss of the predicted class), with eps in pixel units.
+  x' = x + eps sign(grad_x E), which would raise the loss; `odin_score` follows ODIN itself and
+  steps   against the gradient (lowering the loss of the predicted class), with eps in pixel units.
 
   Args:
     apply_fn: `apply_fn(variables, x) -> logits [B, K]` in inference mode.
