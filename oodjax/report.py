@@ -39,8 +39,8 @@ def markdown_report(results: Mapping, title: str = "OOD detection", level: int =
            "data) are excluded from every row." if holdout else "")
   rows = results.get("rows", list(results["detectors"]))
   marked = [r for r in rows if "heldout_ood" in results.get("sees", {}).get(r, ())]
-  note = (f" {OOD_MARK}: fitted on held-out OOD images of the set it is tested on (an upper "
-          "reference, not a deployable detector)." if marked else "")
+  note = (f" {OOD_MARK}: fitted on held-out images of the OOD set it is tested on (it has seen "
+          "the test distribution)." if marked else "")
   lines = [f"{hashes} {title}", "",
            f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
            f"{results['num_in']} images. Metrics in %; in-distribution is the positive class; "
