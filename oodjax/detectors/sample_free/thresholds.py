@@ -12,6 +12,10 @@ deployed; each is a function here:
 * `threshold_two_groups`: nothing but the stream; t splits the sorted scores into the two
   groups with the smallest within-group sum of squares (Otsu's criterion, exact in 1-D).
 
+They are not rows of `oodjax.evaluate`'s report: they pick the threshold of a deployed detector
+from the scores it sees, while the report measures detectors threshold-free (AUROC, AUPR) or at
+a fixed 95% TPR on labelled test data. Apply them to the scores `evaluate_ood` returns.
+
 All are exact (no grid of candidate thresholds), pure `jnp`, and work under `jax.jit`. Where
 several thresholds give the same decisions, the one returned is the midpoint of the gap
 between the two scores that bracket it, the most robust choice for unseen scores.
