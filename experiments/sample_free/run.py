@@ -9,7 +9,7 @@ evaluation set and is scored on the other half, as in the paper).
 
 Command (from the repository root):
 
-  .venv/bin/python -m experiments.sample_free.run           # the real run, about 25 minutes
+  .venv/bin/python -m experiments.sample_free.run           # the real run, 12-25 minutes
   .venv/bin/python -m experiments.sample_free.run --quick   # smoke run, about a minute
 
 The real run writes one JSON per (architecture, seed) to experiments/sample_free/runs/, the
