@@ -51,7 +51,10 @@ def get_config(arg=None):
       batch_size=500,
       ood_sets=EMBEDDED_OOD,
       # Registry names (oodjax.detectors.REGISTRY); rows are reported in the registry's order.
-      detectors=("msp", "odin_tuned_on_ood", "odin_tuned_without_ood", "1c_sum"),
+      # The main job runs every entry: the rows share one compiled scorer, so the softmax
+      # baselines and the indicators cost little beyond ODIN and the noise statistics.
+      detectors=("msp", "max_logit", "energy", "t1000", "odin_fixed", "odin_tuned_on_ood",
+                 "odin_tuned_without_ood", "indicators", "1c_sum", "supervised"),
       ood_seed=0,  # seed of the generated noise sets
       # Images per OOD set (None: all; generated sets default to the ID test size).
       ood_size=ml_collections.FieldReference(None, field_type=int),
