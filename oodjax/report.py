@@ -52,7 +52,9 @@ def markdown_report(results: Mapping, title: str = "OOD detection", level: int =
               "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
     for name in rows:
       row = results["detectors"][name][ood]
-      cells = " | ".join(f"{100 * row[key]:.2f}" for key, _ in METRIC_COLUMNS)
+      # A float32 zero can come out as -1e-9: print it as 0.00, not -0.00.
+      cells = " | ".join(f"{100 * row[key]:.2f}".replace("-0.00", "0.00")
+                         for key, _ in METRIC_COLUMNS)
       lines.append(f"| {row_label(results, name)} | {cells} | "
                    f"{_fmt_hyper(row, 'temperature')} | {_fmt_hyper(row, 'epsilon')} |")
     lines.append("")
