@@ -33,8 +33,9 @@ def _load_experiment(args):
   from oodjax.config import load_config
 
   config = load_config(args.config, args.overrides)
+  from oodjax.detectors import REGISTRY
   from oodjax.evaluate import check_plan  # a bad detector list fails now, not after training
-  check_plan(config.eval.detectors, _registry(), config.eval.holdout)
+  check_plan(config.eval.detectors, REGISTRY, config.eval.holdout)
   train_ds = data.load(config.dataset, "train", seed=config.seed, data_dir=args.data_dir)
   test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=args.data_dir)
   if config.get("train_size"):
@@ -43,11 +44,6 @@ def _load_experiment(args):
   data.validate(test_ds, require_labels=True)
   model = models.get_model(config.model, num_classes=train_ds.num_classes)
   return config, model, train_ds, test_ds
-
-
-def _registry():
-  from oodjax.detectors import REGISTRY
-  return REGISTRY
 
 
 def _train(args, config, model, train_ds, test_ds):

@@ -261,17 +261,21 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
       raise ValueError(f"{name} is fitted on the in-distribution training set: pass id_train")
   ood_sets = {name: ds.with_stats(id_test.mean, id_test.std) for name, ds in ood_sets.items()}
   n_in, ood_sizes = len(id_test), {name: len(ds) for name, ds in ood_sets.items()}
-  everything = (np.arange(n_in), {name: np.arange(n) for name, n in ood_sizes.items()})
 
-  def splits_for(entry: Detector):
-    """(eval_in [per OOD set], eval_out, fit_in, fit_out) index maps for one entry."""
-    if not entry.sees_heldout and holdout is None:
-      return ({n: everything[0] for n in ood_sets}, everything[1], None, None)
-    parts = _held_out_indices(n_in, ood_sizes, holdout, seed, halves=holdout is None)
-    return ({n: p[1] for n, p in parts.items()}, {n: p[3] for n, p in parts.items()},
-            next(iter(parts.values()))[0], {n: p[2] for n, p in parts.items()})
-
-  splits = {name: splits_for(entry) for name, entry in entries.items()}
+  # (eval_in [per OOD set], eval_out, fit_in, fit_out): every image, or the one held-out split
+  # (a holdout, or the paper's halves for entries that allow them) shared by all entries.
+  held_out = None  # the one held-out split, computed when some entry needs it
+  splits = {}
+  for name, entry in entries.items():
+    if entry.sees_heldout or holdout is not None:
+      if held_out is None:
+        parts = _held_out_indices(n_in, ood_sizes, holdout, seed, halves=holdout is None)
+        held_out = ({n: p[1] for n, p in parts.items()}, {n: p[3] for n, p in parts.items()},
+                    next(iter(parts.values()))[0], {n: p[2] for n, p in parts.items()})
+      splits[name] = held_out
+    else:
+      splits[name] = ({n: np.arange(n_in) for n in ood_sets},
+                      {n: np.arange(size) for n, size in ood_sizes.items()}, None, None)
   bar = tqdm.tqdm(total=len(entries) + 2 + 2 * len(ood_sets), disable=not progress, unit="step",
                   dynamic_ncols=True)
   fingerprint = weights_fingerprint(variables) if state_dir is not None else None
@@ -309,6 +313,8 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {n: {} for n in ood_sets}
   bar.update(1)
 
+  row_entry = {}  # row -> the entry that gave it
+
   def add_rows(name: str, ood: str, rows_in: Mapping[str, np.ndarray],
                rows_out: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> None:
     eval_in, eval_out = splits[name][0][ood], splits[name][1][ood]
@@ -319,6 +325,7 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
       s_in, s_out = rows_in[row][eval_in], rows_out[row][eval_out]
       if row not in results["detectors"]:
         results["rows"].append(row)
+        row_entry[row] = name
         results["labels"][row] = entry.label if row == name else row[len(entry.row_prefix):]
         results["sees"][row] = sorted(entry.sees)
         results["detectors"][row] = {}
@@ -350,15 +357,9 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   bar.close()
   # Rows in registry order (per-set entries were scored after the shared ones).
   order = {name: i for i, name in enumerate(entries)}
-  results["rows"].sort(key=lambda row: order[_entry_of(row, entries)])
+  results["rows"].sort(key=lambda row: order[row_entry[row]])
   results["detectors"] = {row: results["detectors"][row] for row in results["rows"]}
   return results, scores
-
-
-def _entry_of(row: str, entries: Mapping[str, Detector]) -> str:
-  if row in entries:
-    return row
-  return next(name for name, e in entries.items() if e.row_prefix and row.startswith(e.row_prefix))
 
 
 def _jsonable(value):
