@@ -137,11 +137,12 @@ def fit_one_c_sum(model, variables, data, options):
                  "noise_stats": stats["indicators"]}
 
 
-def _indicators_of(model, variables, x, batch_size: int) -> dict[str, np.ndarray]:
-  return map_padded(lambda batch: _indicators_jit(model, variables, batch), x, batch_size)
-
-
 _indicators_jit = jax.jit(whitebox.indicators, static_argnums=0)
+
+
+def _indicators_of(model, variables, x, batch_size: int) -> dict[str, np.ndarray]:
+  """{indicator: [N]} of N images, in padded batches through one compiled program."""
+  return map_padded(lambda batch: _indicators_jit(model, variables, batch), x, batch_size)
 
 
 def fit_supervised(model, variables, data, options):
