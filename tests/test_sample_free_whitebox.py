@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from oodjax.detectors.sample_free import whitebox
-from oodjax.models import get_model
+from oodjax.models import channel_sums, get_model
 
 K = 4
 
@@ -117,19 +117,22 @@ def _reference(variables, x, alpha=0.1):
     out["NORM"].append(-np.linalg.norm(u))
     out["NORM+"].append(-np.linalg.norm(u[pos]))
     out["ANG"].append(1 - cos(w, u))
-    out["ANG+"].append(1 - cos(np.where(pos, w, 0), u))
+    # ANG+ as the authors' code computes it: 1 - (1 - ANG) ACT+ / ACT.
+    out["ANG+"].append(1 - (1 - out["ANG"][-1]) * (w[pos] @ u[pos]) / (w @ u))
     out["ANG++"].append(1 - cos(w[pos], u[pos]))
     out["PROJ"].append(-w @ u / np.linalg.norm(w))
     out["ACT"].append(-w @ u)
     out["ACT+"].append(-w[pos] @ u[pos])
     m1, aos1, s1, ext1 = bn_terms(y1[i])
     m2, aos2, _, _ = bn_terms(y2[i])
-    out["DMS"].append((np.sum(m1 ** 2) + np.sum(m2 ** 2)) / (3 + 6))  # Eq. 27, C_S = 9
-    out["DMS-AOS"].append((np.sum(aos1) + np.sum(aos2)) / 9)  # Eq. 28
-    # The [B, 6] layer has no S (H W - 1 = 0): DSS and DSS-EXT use the conv BN only, C_S = 3.
-    out["DSS"].append(np.sum((s1 - 1) ** 2) / 3)  # Eq. 29
-    out["DSS-EXT"].append(np.sum(ext1) / 3)  # Eq. 30
     mi, aosi, si, exti = bn_terms(x[i])
+    # S = B: the 2-channel input pseudo-layer and both BatchNorms, C_S = 2 + 3 + 6.
+    out["DMS"].append((np.sum(mi ** 2) + np.sum(m1 ** 2) + np.sum(m2 ** 2)) / 11)  # Eq. 27
+    out["DMS-AOS"].append((np.sum(aosi) + np.sum(aos1) + np.sum(aos2)) / 11)  # Eq. 28
+    # The [B, 6] layer has no S (H W - 1 = 0): DSS and DSS-EXT use the input and the conv BN,
+    # C_S = 2 + 3.
+    out["DSS"].append((np.sum((si - 1) ** 2) + np.sum((s1 - 1) ** 2)) / 5)  # Eq. 29
+    out["DSS-EXT"].append((np.sum(exti) + np.sum(ext1)) / 5)  # Eq. 30
     out["IN-DMS"].append(np.sum(mi ** 2) / 2)
     out["IN-DMS-AOS"].append(np.sum(aosi) / 2)
     out["IN-DSS"].append(np.sum((si - 1) ** 2) / 2)
@@ -196,7 +199,7 @@ def test_chi2_pvalue_and_extreme_test_match_scipy():
 
 def test_channel_statistics_of_a_hand_worked_map():
   y = jnp.asarray([1.0, 3.0, 2.0, 6.0]).reshape(1, 2, 2, 1)  # one channel, 4 positions
-  m, mean_square, v = whitebox.channel_statistics(y)
+  m, mean_square, v = whitebox.channel_statistics(channel_sums(y))
   # M = 3, mean of squares = (1 + 9 + 4 + 36) / 4, V = 4 + 0 + 1 + 9.
   np.testing.assert_allclose([m[0, 0], mean_square[0, 0], v[0, 0]], [3.0, 12.5, 14.0])
 
@@ -217,9 +220,9 @@ def test_table1_bounds_on_random_inputs(name):
   assert np.all((s["H"] >= -tol) & (s["H"] <= np.log(K) + tol))
   assert np.all((s["T1000"] > 0) & (s["T1000"] <= 1 - 1 / K + tol))
   # Table 1's 0 <= ANG <= 1 needs w_k.u >= 0; in general the cosine distance is in [0, 2].
-  for ang in ("ANG", "ANG+"):
-    assert np.all((s[ang] >= -tol) & (s[ang] <= 2 + tol))
-  assert np.all((s["ANG++"] >= -tol) & (s["ANG++"] <= 1 + tol))  # ReLU features: u >= 0
+  assert np.all((s["ANG"] >= -tol) & (s["ANG"] <= 2 + tol))
+  for ang in ("ANG+", "ANG++"):  # ReLU features: u >= 0
+    assert np.all((s[ang] >= -tol) & (s[ang] <= 1 + tol))
   for bn in ("DMS", "DMS-AOS", "DSS"):
     assert np.all(s[bn] >= 0) and np.all(s["IN-" + bn] >= 0)
   for ext in ("DSS-EXT", "IN-DSS-EXT"):
@@ -333,3 +336,54 @@ def test_odin_indicator_without_perturbation_is_t1000(tiny):
   odin0 = jax.jit(lambda v, x: whitebox.odin_indicator(apply_fn, v, x, std=jnp.ones(2),
                                                        epsilon=0.0))(variables, x)
   np.testing.assert_allclose(odin0, scores["T1000"], rtol=1e-6, atol=1e-7)
+
+
+class HandWorked(nn.Module):
+  """A 3-channel 2x1 input -> BN -> ReLU -> per-pixel Dense(2) -> BN -> ReLU -> mean pool ->
+  Dense head: two BatchNorms with spatial size 2, small enough to work out by hand."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=0.0)(x))
+    h = nn.Dense(2, use_bias=False)(h)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=0.0)(h))
+    return nn.Dense(2, use_bias=False)(jnp.mean(h, axis=(1, 2)))
+
+
+def test_hand_worked_network_pins_the_whole_network_set_and_ang_plus():
+  """DMS, DMS-AOS, DSS, DSS-EXT sum over the input pseudo-layer and both BatchNorms
+  (Section 2.2, S = B); ANG+ is the authors' code's 1 - w_k+ . u / (|w_k| |u|)."""
+  model = HandWorked()
+  x = np.asarray([[1.0, 0.0, 2.0], [3.0, 2.0, -2.0]], np.float32).reshape(1, 2, 1, 3)
+  variables = model.init(jax.random.key(0), x)
+  one = lambda c: {"scale": jnp.ones(c), "bias": jnp.zeros(c)}
+  params = {"BatchNorm_0": one(3), "BatchNorm_1": one(2),
+            "Dense_0": {"kernel": jnp.asarray([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])},
+            "Dense_1": {"kernel": jnp.asarray([[2.0, 0.0], [-1.0, 1.0]])}}
+  batch_stats = {"BatchNorm_0": {"mean": jnp.asarray([1.0, 1.0, 0.0]),
+                                 "var": jnp.asarray([1.0, 4.0, 4.0])},
+                 "BatchNorm_1": {"mean": jnp.asarray([1.0, 0.0]), "var": jnp.asarray([1.0, 1.0])}}
+  variables = {"params": params, "batch_stats": batch_stats}
+  s = {k: float(v[0]) for k, v in indicators(model, variables, jnp.asarray(x)).items()}
+  # Pixels (rows) x channels of each layer's standardised input:
+  #   input  [[1, 0, 2], [3, 2, -2]]        M = (2, 1, 0)   V = (2, 2, 8)
+  #   BN 1   [[0, -1/2, 1], [2, 1/2, -1]]   M = (1, 0, 0)   V = (2, 1/2, 2)
+  #   BN 2   ReLU(BN 1) @ Dense_0 = [[0, 0], [2, 1/2]], standardised [[-1, 0], [1, 1/2]]:
+  #                                         M = (0, 1/4)    V = (2, 1/8)
+  # With H W - 1 = 1, S = sqrt(V). C_S = 3 + 3 + 2 = 8 over the whole network.
+  r2 = np.sqrt(2.0)
+  assert s["IN-DMS"] == pytest.approx((4 + 1 + 0) / 3)
+  assert s["IN-DMS-AOS"] == pytest.approx((5 + 2 + 4) / 3)
+  assert s["IN-DSS"] == pytest.approx((15 - 8 * r2) / 3, rel=1e-5)
+  assert s["IN-DSS-EXT"] == pytest.approx(1 / 3)  # only V = 8 lies beyond chi2_1's 95% point
+  assert s["DMS"] == pytest.approx((5 + 1 + 1 / 16) / 8)
+  assert s["DMS-AOS"] == pytest.approx((11 + 13 / 4 + 9 / 8) / 8)
+  # sum (S - 1)^2: input 15 - 8 sqrt2, BN 1 15/2 - 5 sqrt2, BN 2 33/8 - 5/2 sqrt2.
+  assert s["DSS"] == pytest.approx((15 + 15 / 2 + 33 / 8 - (8 + 5 + 5 / 2) * r2) / 8, rel=1e-5)
+  assert s["DSS-EXT"] == pytest.approx(1 / 8)
+  # Head: u = mean over pixels of ReLU(BN 2) = (1/2, 1/4); logits (3/4, 1/4), so k = 0 and
+  # w_k = (2, -1): |w_k| |u| = sqrt5 * sqrt5 / 4 = 5/4, w_k . u = 3/4, w_k+ . u = 1.
+  assert s["ANG"] == pytest.approx(1 - (3 / 4) / (5 / 4))
+  assert s["ANG+"] == pytest.approx(1 - 1 / (5 / 4))  # 0.2; 1 - cos(u, w_k+) would be 0.106
+  assert s["ANG++"] == pytest.approx(0.0, abs=1e-6)  # u+ = (1/2, 0) is parallel to w_k+
+  assert s["ACT+"] == pytest.approx(-1.0)

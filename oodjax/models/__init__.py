@@ -19,7 +19,8 @@ import flax.linen as nn
 
 from oodjax.models.cnn import VGG, AlexNet, SmallCNN, VGGStage
 from oodjax.models.densenet import DenseLayer, DenseNet, DenseStage, Transition
-from oodjax.models.insides import (ALL_INSIDES, InferenceApply, Insides, feature_map_gradient,
+from oodjax.models.insides import (ALL_INSIDES, ChannelSums, InferenceApply, Insides,
+                                   channel_sums, feature_map_gradient,
                                    forward_with_insides, inference_apply, is_block_or_stage,
                                    is_stage, is_top_level, normalize_with_running_stats)
 from oodjax.models.layers import ConvBlock, NormReLU
@@ -60,11 +61,12 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ConvBlock",
+    "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ChannelSums",
+    "ConvBlock",
     "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "NormReLU", "ResNet",
     "ResNetStage",
     "SmallCNN", "Transition", "VGG", "VGGStage", "WideBasicBlock", "WideResNet",
-    "feature_map_gradient", "forward_with_insides", "get_model", "inference_apply",
+    "channel_sums", "feature_map_gradient", "forward_with_insides", "get_model", "inference_apply",
     "is_block_or_stage",
     "is_stage", "is_top_level", "normalize_with_running_stats",
 ]

@@ -26,6 +26,11 @@ What is collected, and how each item is defined for an arbitrary model:
   `input_bn` is the network input viewed as a pseudo-BatchNorm normalised with the dataset
   mean/std; models here take inputs already normalised that way, so it is `x` itself. A model
   without BatchNorm gives empty tuples.
+* "bn_sums": the same inputs reduced inside the forward pass to per-example, per-channel sums
+  over the spatial axes, `ChannelSums(total = sum y, total_square = sum y^2, size = H*W)` with
+  y as for "bn"; `input_sums` is the same for the input pseudo-layer. Only [B, C] arrays leave
+  the layer, so on CPU the statistics cost little more than the plain forward (see
+  `channel_sums`), which is what the sample-free BatchNorm indicators need.
 * "feature_map": the last rank-4 array [B, h, w, c] returned by any module call other than
   the model itself. With the zoo's convention (pooling belongs to the parent, a final
   pre-activation BN-ReLU is its own module) that is the input of the global pooling or of the
@@ -53,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-ALL_INSIDES = ("head", "blocks", "bn", "feature_map")
+ALL_INSIDES = ("head", "blocks", "bn", "bn_sums", "feature_map")
 
 # A collection of our own, so the model's own `sow`s into "intermediates" are untouched.
 _COLLECTION = "oodjax_insides"
@@ -80,6 +85,62 @@ def is_top_level(module: nn.Module, path: Path) -> bool:
 
 
 @struct.dataclass
+class ChannelSums:
+  """Per-example, per-channel sums of a (normalised) layer input over its spatial axes.
+
+  Attributes:
+    total: [B, C] sum over the H*W positions of y.
+    total_square: [B, C] sum over the positions of y^2.
+    size: H*W, the number of positions summed (1 for a [B, C] input); static.
+  """
+  total: jax.Array
+  total_square: jax.Array
+  size: int = struct.field(pytree_node=False, default=1)
+
+
+def _reduced_axes(ndim: int, feature_axes: set[int]) -> tuple[int, ...]:
+  return tuple(a for a in range(1, ndim) if a not in feature_axes)
+
+
+def channel_sums(y: jax.Array, *, shift: jax.Array | None = None,
+                 scale: jax.Array | None = None, feature_axes: Sequence[int] = (-1,)
+                 ) -> ChannelSums:
+  """Sums over the spatial axes of y = (z - shift) * scale, and of y^2, without forming y.
+
+  The sums are of the centred d = z - shift, scaled afterwards on the [B, C] results:
+  sum y = scale * sum d and sum y^2 = scale^2 * sum d^2. On XLA's CPU backend this keeps the
+  [B, H, W, C] array out of memory (two reductions of one fused elementwise input), where
+  forming y writes a second copy of the layer's input; and centring before squaring avoids the
+  cancellation of uncentred sums (sum z^2 - n mean^2) when the running mean is large against
+  the spread.
+
+  Args:
+    y: [B, ..., C] a layer input z; axes other than the batch and `feature_axes` are summed.
+    shift: the per-channel running mean, of the feature axes' shape; None for 0.
+    scale: the per-channel 1 / sqrt(running var + epsilon); None for 1.
+    feature_axes: the channel axes (Flax's BatchNorm default: the last).
+
+  Returns:
+    `ChannelSums` with [B, C] totals (several feature axes are flattened into C).
+  """
+  features = {a % y.ndim for a in feature_axes}
+  axes = _reduced_axes(y.ndim, features)
+  size = 1
+  for a in axes:
+    size *= y.shape[a]
+  shape = tuple(y.shape[a] if a in features else 1 for a in range(y.ndim))
+  d = y if shift is None else y - jnp.reshape(shift, shape)
+  total = jnp.sum(d, axis=axes)
+  total_square = jnp.sum(jnp.square(d), axis=axes)
+  total = total.reshape(total.shape[0], -1)
+  total_square = total_square.reshape(total_square.shape[0], -1)
+  if scale is not None:
+    scale = jnp.reshape(scale, (1, -1))
+    total, total_square = total * scale, total_square * jnp.square(scale)
+  return ChannelSums(total, total_square, size)
+
+
+@struct.dataclass
 class Insides:
   """Arrays from inside one forward pass; items not requested in `which` are None or ().
 
@@ -92,6 +153,8 @@ class Insides:
       as the layer's input ([B, H, W, C] or [B, C]), in call order.
     input_bn: [B, H, W, C] the network input as a pseudo-BatchNorm layer: `x` itself, since
       models take inputs normalised with the dataset mean/std.
+    bn_sums: a `ChannelSums` of every BatchNorm's normalised input, in call order.
+    input_sums: the `ChannelSums` of `input_bn`.
     feature_map: [B, h, w, c] the last rank-4 module output (see the module docstring).
     head_name, block_names, bn_names, feature_map_name: module paths (static, not leaves).
   """
@@ -101,6 +164,8 @@ class Insides:
   blocks: tuple[jax.Array, ...] = ()
   bn_inputs: tuple[jax.Array, ...] = ()
   input_bn: jax.Array | None = None
+  bn_sums: tuple[ChannelSums, ...] = ()
+  input_sums: ChannelSums | None = None
   feature_map: jax.Array | None = None
   head_name: str | None = struct.field(pytree_node=False, default=None)
   block_names: tuple[str, ...] = struct.field(pytree_node=False, default=())
@@ -126,17 +191,22 @@ def normalize_with_running_stats(bn: nn.BatchNorm, z: jax.Array) -> jax.Array:
   Returns:
     The normalised input, the shape of `z`, before the layer's scale and bias.
   """
+  mean, var, feature_axes = _running_stats(bn, z.ndim)
+  # The statistics have the shape of the feature axes; give them z's rank so nothing relies
+  # on rank promotion.
+  shape = tuple(z.shape[a] if a in feature_axes else 1 for a in range(z.ndim))
+  return (z - mean.reshape(shape)) / jnp.sqrt(var.reshape(shape) + bn.epsilon)
+
+
+def _running_stats(bn: nn.BatchNorm, ndim: int) -> tuple[jax.Array, jax.Array, set[int]]:
+  """(running mean, running var, feature axes) of a bound BatchNorm."""
   if not bn.has_variable("batch_stats", "mean"):
     raise ValueError(f"BatchNorm {_name(bn.path)!r} has no running statistics: pass "
                      "variables holding 'batch_stats'")
   axes = bn.axis if isinstance(bn.axis, (tuple, list)) else (bn.axis,)
-  feature_axes = {a % z.ndim for a in axes}
-  # The statistics have the shape of the feature axes; give them z's rank so nothing relies
-  # on rank promotion.
-  shape = tuple(z.shape[a] if a in feature_axes else 1 for a in range(z.ndim))
-  mean = bn.get_variable("batch_stats", "mean").reshape(shape)
-  var = bn.get_variable("batch_stats", "var").reshape(shape)
-  return (z - mean) / jnp.sqrt(var + bn.epsilon)
+  mean = bn.get_variable("batch_stats", "mean")
+  var = bn.get_variable("batch_stats", "var")
+  return mean, var, {a % ndim for a in axes}
 
 
 def _accepts_train(model: nn.Module) -> bool:
@@ -210,6 +280,7 @@ def forward_with_insides(
   records: list[tuple[str, Path, int]] = []
   counts: collections.Counter = collections.Counter()
   last_dense = []  # [(path, index, output)] of the latest nn.Dense call
+  sizes = []  # spatial size of each BatchNorm input, in call order ("bn_sums")
   perturbed = set()
 
   def save(module: nn.Module, tag: str, value: jax.Array) -> int:
@@ -230,6 +301,14 @@ def forward_with_insides(
     if "bn" in which and isinstance(module, nn.BatchNorm):
       z = _first_arg(args, kwargs, "x")
       save(module, "_bn_input", normalize_with_running_stats(module, z))
+    if "bn_sums" in which and isinstance(module, nn.BatchNorm):
+      z = _first_arg(args, kwargs, "x")
+      mean, var, features = _running_stats(module, z.ndim)
+      sums = channel_sums(z, shift=mean, scale=jax.lax.rsqrt(var + module.epsilon),
+                          feature_axes=tuple(features))
+      save(module, "_bn_total", sums.total)
+      save(module, "_bn_total_square", sums.total_square)
+      sizes.append(sums.size)
     if "head" in which and isinstance(module, nn.Dense):
       index = save(module, "_dense_input", _first_arg(args, kwargs, "inputs"))
       last_dense[:] = [(path, index, out)]
@@ -270,6 +349,12 @@ def forward_with_insides(
   if "bn" in which:
     fields["bn_inputs"], fields["bn_names"] = all_of("_bn_input")
     fields["input_bn"] = x  # already normalised with the dataset mean/std
+  if "bn_sums" in which:
+    totals, _ = all_of("_bn_total")
+    squares, names = all_of("_bn_total_square")
+    fields["bn_sums"] = tuple(ChannelSums(t, q, n) for t, q, n in zip(totals, squares, sizes))
+    fields["bn_names"] = names
+    fields["input_sums"] = channel_sums(x)
   if "feature_map" in which:
     maps, names = all_of("_map")
     if maps:

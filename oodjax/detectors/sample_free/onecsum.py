@@ -29,11 +29,11 @@ import numpy as np
 from oodjax.batching import map_padded
 from oodjax.detectors.sample_free.whitebox import ALL_INDICATORS, indicators
 
-# "All indicators, except the IN- indicators and ODIN" (Section 4), read as the rows of the
-# paper's Tables 4-5 minus those: ANG+ (only in Table 2) is left out so that angularity does
-# not count three times.
-ONE_C_SUM_INDICATORS = ("MP", "H", "T1000", "NORM", "NORM+", "ANG", "ANG++", "PROJ", "ACT",
-                        "ACT+", "DMS", "DMS-AOS", "DSS", "DSS-EXT")
+# "All indicators, except the IN- indicators and ODIN" (Section 4, after Eq. 31): every
+# indicator of `ALL_INDICATORS` but the IN- ones. ANG+ is one of them, as in the authors'
+# released code.
+ONE_C_SUM_INDICATORS = ("MP", "H", "T1000", "NORM", "NORM+", "ANG", "ANG+", "ANG++", "PROJ",
+                        "ACT", "ACT+", "DMS", "DMS-AOS", "DSS", "DSS-EXT")
 
 _FORMAT = "oodjax-noise-stats"
 _VERSION = 1
