@@ -50,7 +50,10 @@ from oodjax.detectors.sample_free.supervised import paper_halves
 from oodjax.models.insides import inference_apply
 
 _STATE_FORMAT = "oodjax-detector-state"
-_STATE_VERSION = 1
+# Bumped whenever a fitted state's meaning changes, so an old file is refitted, not reused:
+# 2 = issue 8 redefined DMS/DMS-AOS/DSS/DSS-EXT and ANG+, which 1C-Sum's noise statistics and
+# the supervised bound's coefficients are fitted on.
+_STATE_VERSION = 2
 
 
 # --- Compiled pieces: keyed on the (hashable) model and score functions, never on closures --

@@ -300,6 +300,12 @@ def test_cli_reports_user_errors_in_one_line_and_bugs_with_a_traceback(tmp_path,
 RENAMED = {"odin": "odin_tuned_on_ood", "odin_no_ood": "odin_tuned_without_ood",
            "odin_sf": "odin_fixed"}
 OOD = "eval.ood_sets=('embedded/animal_mnist','embedded/uniform_noise')"
+# Rows whose definition issue 8 changed after the reference was taken: DMS, DMS-AOS, DSS and
+# DSS-EXT now include the input pseudo-layer, ANG+ follows the authors' code, 1C-Sum counts
+# ANG+, and the supervised bound has those as features. Their formulas are pinned by
+# tests/test_sample_free_whitebox.py; here they must only be present.
+CHANGED_BY_ISSUE_8 = {"ind:DMS", "ind:DMS-AOS", "ind:DSS", "ind:DSS-EXT", "ind:ANG+", "1c_sum",
+                      "supervised"}
 
 
 def _oodjax(*args):
@@ -314,6 +320,9 @@ def _assert_rows_match(reference_file, results):
   for old_name, per_set in reference["detectors"].items():
     for ood, old_row in per_set.items():
       row = results["detectors"][RENAMED.get(old_name, old_name)][ood]
+      if old_name in CHANGED_BY_ISSUE_8:
+        assert set(row) >= set(old_row), (old_name, ood)
+        continue
       for key, value in old_row.items():
         # ODIN's rows now go through odin_score instead of a one-point grid, and every row is
         # compiled into one program: float32 rounding moves at most one image of ~2,000.
