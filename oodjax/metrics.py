@@ -14,14 +14,18 @@ OOD when `score >= threshold`); their "FPR@95" is the fraction of ID inputs flag
 
 Everything is computed exactly from sorted scores, with no grid of thresholds. Ties are handled as
 scikit-learn does: all samples with the same score share one threshold, so ROC points sit only at
-the distinct score values (plus the "accept nothing" point TPR = FPR = 0). Every count is an
-integer (`jnp.searchsorted` into the sorted scores); only the final ratios and means are floating
-point, in float32 unless the scores are float64 (with `jax_enable_x64`).
+the distinct score values (plus the "accept nothing" point TPR = FPR = 0). Each (ID, OOD) pair is
+sorted once, merged, and every metric comes from integer counts of ID and OOD scores below and at
+each distinct score (running sums over that one order, `_tie_groups`); only the final ratios and
+means are floating point, in float32 unless the scores are float64 (with `jax_enable_x64`). On
+the CPU backend the sort runs in numpy behind `jax.pure_callback`, as XLA's CPU sort is ~50x
+slower; other backends use `lax.sort`. Both give the same numbers.
 
 All functions take one score vector per set: `scores_in: [N]`, `scores_out: [M]`, N, M >= 1. Shapes
 are static, so each function works under `jax.jit` and `jax.vmap`; a `[T, E, N]` sweep becomes a
-`[T, E]` table with `jax.vmap(jax.vmap(all_metrics))`. `positive` is a Python string: mark it
-static (`jax.jit(f, static_argnames="positive")`) or bind it with `functools.partial`.
+`[T, E]` table with `jax.vmap(jax.vmap(all_metrics))`, or faster with `metrics_grid`, which sorts
+the whole grid in one call. `positive` is a Python string: mark it static
+(`jax.jit(f, static_argnames="positive")`) or bind it with `functools.partial`.
 
 Validation: shape problems (not 1-D, empty) raise `ValueError` before any computation, also
 under `jit`, because shapes are static. NaN scores raise `ValueError` only when the scores are
@@ -31,12 +35,20 @@ concrete; under `jit`/`vmap` they cannot be inspected and the caller must valida
 References:
   Liang, Li, Srikant. Enhancing the reliability of out-of-distribution image detection in neural
   networks (ODIN). ICLR 2018, section 4.3.
+  scikit-learn `roc_curve`, `roc_auc_score` and `average_precision_score` (AP = sum_k
+  (R_k - R_{k-1}) P_k over distinct thresholds, no interpolation): the definitions matched here.
 """
 from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 _POSITIVES = ("in", "out")
 
@@ -95,43 +107,234 @@ def _count_le(sorted_scores: jax.Array, values: jax.Array) -> jax.Array:
   return jnp.searchsorted(sorted_scores, values, side="right")
 
 
-def _count_lt(sorted_scores: jax.Array, values: jax.Array) -> jax.Array:
-  """[V] int32: how many of `sorted_scores` are < each of `values`."""
-  return jnp.searchsorted(sorted_scores, values, side="left")
+class _TieGroups(NamedTuple):
+  """How many ID and OOD scores lie below and at each distinct score of an (ID, OOD) pair.
+
+  The arrays have one entry per sample of the merged scores in sorted order, [..., N + M]; only
+  the entries where `is_last` is set (the last sample of each group of tied scores, so one per
+  distinct score s) are meaningful, and every metric reads only those. The counts are integers.
+  """
+  is_last: jax.Array  # bool: the next sample has a larger score, or there is none
+  in_lt: jax.Array  # int32: ID scores < s
+  in_le: jax.Array  # int32: ID scores <= s
+  out_lt: jax.Array  # int32: OOD scores < s
+  out_le: jax.Array  # int32: OOD scores <= s
+  num_in: int  # N
+  num_out: int  # M
+  dtype: jnp.dtype  # of the scores; the metrics' dtype
 
 
-def _roc_points(scores_in: jax.Array, scores_out: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The ROC curve with ID positive, one point per sample.
+def _counts_from_sorted(xp, sorted_scores, is_in) -> tuple:
+  """`(is_last, in_le, in_lt, all_lt)` from scores sorted along the last axis and their labels.
 
-  Accepting `score <= s` for every observed score s visits every distinct threshold; tied samples
-  give the same point more than once, which does not change a min or a max over points.
+  `sorted_scores` may be any keys in the scores' order (ties stay ties), [..., L]; `is_in` is
+  [..., L] bool. Written once for both array modules: `xp` is `numpy` (in the CPU callback) or
+  `jax.numpy`. At a group's last sample the running count of ID samples is its "<=" count; its "<"
+  count is the running count just before the group's first sample, which a running max carries
+  forward to the group's last sample (counts only grow along the order). The order of tied samples
+  is irrelevant.
+  """
+  new_value = sorted_scores[..., 1:] != sorted_scores[..., :-1]  # [..., L - 1]
+  edge = xp.ones((*sorted_scores.shape[:-1], 1), dtype=bool)
+  is_first = xp.concatenate([edge, new_value], axis=-1)  # [..., L]
+  is_last = xp.concatenate([new_value, edge], axis=-1)  # [..., L]
+  in_le = xp.cumsum(is_in, axis=-1, dtype=xp.int32)  # ID samples at positions <= i
+  before = xp.arange(sorted_scores.shape[-1], dtype=xp.int32)  # samples at positions < i
+  if xp is np:
+    running_max = functools.partial(np.maximum.accumulate, axis=-1)
+  else:
+    running_max = lambda a: lax.cummax(a, axis=a.ndim - 1)
+  in_lt = running_max(xp.where(is_first, in_le - is_in, 0))
+  all_lt = running_max(xp.where(is_first, before, 0))
+  return is_last, in_le, in_lt, all_lt
+
+
+def _counts_xla(scores_in: jax.Array, scores_out: jax.Array) -> tuple:
+  """`_counts_from_sorted` after one `lax.sort` of the merged scores carrying the labels."""
+  scores = jnp.concatenate([scores_in, scores_out], axis=-1)  # [..., L]
+  is_in = jnp.concatenate([jnp.ones(scores_in.shape, bool), jnp.zeros(scores_out.shape, bool)],
+                          axis=-1)
+  sorted_scores, sorted_is_in = lax.sort((scores, is_in), dimension=-1, num_keys=1)
+  return _counts_from_sorted(jnp, sorted_scores, sorted_is_in)
+
+
+def _sort_numpy(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The merged scores sorted along the last axis (or keys in the same order) and their labels."""
+  num_in = scores_in.shape[-1]
+  scores = np.concatenate([scores_in, scores_out], axis=-1)  # [..., L]
+  if scores.dtype == np.float32:
+    # A float32 score and its label fit in one int64 key that sorts like the score, and numpy's
+    # (SIMD) sort of the keys is about half the cost of an argsort and a gather.
+    bits = (scores + np.float32(0)).view(np.int32)  # + 0 turns -0.0 into 0.0, its tie
+    bits ^= (bits >> 31) & np.int32(0x7FFFFFFF)  # sign-magnitude to two's complement: same order
+    keys = bits.astype(np.int64) * 2  # [..., L]
+    keys[..., num_in:] += 1  # the label in the lowest bit: 1 for OOD
+    keys.sort(axis=-1)
+    return keys >> 1, (keys & 1) == 0
+  order = np.argsort(scores, axis=-1)
+  return np.take_along_axis(scores, order, axis=-1), order < num_in
+
+
+_BLOCK_SAMPLES = 1 << 17  # samples per block of rows on the host: the block's arrays fit in cache
+
+
+def _counts_numpy(scores_in: np.ndarray, scores_out: np.ndarray) -> tuple:
+  """`_counts_from_sorted` in numpy, on the host: the body of the CPU callback.
+
+  numpy sorts and scans on one core, and a pass over [210, 20000] arrays runs from memory, so the
+  rows go in cache-sized blocks spread over the CPU's cores (numpy releases the GIL in them).
+  """
+  num_in, num_out = scores_in.shape[-1], scores_out.shape[-1]
+  rows_in, rows_out = scores_in.reshape(-1, num_in), scores_out.reshape(-1, num_out)
+  num_rows, length = rows_in.shape[0], num_in + num_out
+  counts = (np.empty((num_rows, length), bool),
+            *(np.empty((num_rows, length), np.int32) for _ in range(3)))
+
+  def count_block(rows: slice) -> None:
+    block = _counts_from_sorted(np, *_sort_numpy(rows_in[rows], rows_out[rows]))
+    for whole, part in zip(counts, block):
+      whole[rows] = part
+
+  rows_per_block = max(1, _BLOCK_SAMPLES // length)
+  blocks = [slice(start, start + rows_per_block) for start in range(0, num_rows, rows_per_block)]
+  workers = min(len(blocks), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)
+  if workers <= 1:
+    for rows in blocks:
+      count_block(rows)
+  else:
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(count_block, blocks))  # list() re-raises a block's exception
+  return tuple(a.reshape(*scores_in.shape[:-1], length) for a in counts)
+
+
+def _counts_numpy_callback(scores_in: jax.Array, scores_out: jax.Array) -> tuple:
+  """`_counts_numpy` behind `jax.pure_callback`. It takes any leading axes, so a vmapped call is
+  still one callback (`vmap_method="broadcast_all"`)."""
+  shape = (*jnp.broadcast_shapes(scores_in.shape[:-1], scores_out.shape[:-1]),
+           scores_in.shape[-1] + scores_out.shape[-1])
+  result = (jax.ShapeDtypeStruct(shape, jnp.bool_),) + 3 * (jax.ShapeDtypeStruct(shape, jnp.int32),)
+  return jax.pure_callback(_counts_numpy, result, scores_in, scores_out,
+                           vmap_method="broadcast_all")
+
+
+def _tie_groups(scores_in: jax.Array, scores_out: jax.Array, sort: str = "auto") -> _TieGroups:
+  """Sorts an (ID, OOD) pair once and counts each set's scores below and at every distinct score.
+
+  Every metric in this module is a short function of these counts. XLA's sort is slow on CPU
+  ([210, 20000] float32: ~0.65 s, against ~0.012 s for `np.sort`), and so are its cumulative ops
+  (an associative scan there), so on the CPU backend the sort and the scans run in numpy behind
+  `jax.pure_callback`; other backends keep XLA's. `lax.platform_dependent` picks the path when the
+  computation is lowered for its device, not from the default backend at trace time. Both paths
+  give the same integers, hence the same metrics to the bit (tested).
+
+  Args:
+    scores_in: [..., N] ID scores, N >= 1.
+    scores_out: [..., M] OOD scores, M >= 1, of the same floating dtype and leading axes.
+    sort: "auto", or "xla" / "numpy" to force one path (for tests).
 
   Returns:
-    tpr: [N + M] fraction of ID scores <= each observed score.
-    fpr: [N + M] fraction of OOD scores <= each observed score.
+    `_TieGroups`, each array [..., N + M].
   """
-  thresholds = jnp.concatenate([scores_in, scores_out])  # [N + M]
-  dtype = thresholds.dtype
-  tpr = _count_le(jnp.sort(scores_in), thresholds).astype(dtype) / scores_in.shape[0]
-  fpr = _count_le(jnp.sort(scores_out), thresholds).astype(dtype) / scores_out.shape[0]
+  if sort == "auto":
+    counts = lax.platform_dependent(scores_in, scores_out, cpu=_counts_numpy_callback,
+                                    default=_counts_xla)
+  elif sort == "xla":
+    counts = _counts_xla(scores_in, scores_out)
+  elif sort == "numpy":
+    counts = _counts_numpy_callback(scores_in, scores_out)
+  else:
+    raise ValueError(f"sort must be 'auto', 'xla' or 'numpy', got {sort!r}.")
+  is_last, in_le, in_lt, all_lt = counts
+  # At a group's last sample, position + 1 samples score <= s.
+  all_le = lax.broadcasted_iota(jnp.int32, in_le.shape, in_le.ndim - 1) + 1
+  return _TieGroups(is_last, in_lt, in_le, all_lt - in_lt, all_le - in_le,
+                    scores_in.shape[-1], scores_out.shape[-1], scores_in.dtype)
+
+
+def _roc_points(groups: _TieGroups, positive: str = "in") -> tuple[jax.Array, jax.Array]:
+  """The ROC curve, one point per distinct score s (entries where `groups.is_last`).
+
+  Together with the "accept nothing" point TPR = FPR = 0 these are the points of
+  `sklearn.metrics.roc_curve(..., drop_intermediate=False)`.
+
+  Returns:
+    tpr, fpr: [..., N + M]. positive="in": the fractions of ID / OOD scores <= s.
+    positive="out": the fractions of OOD / ID scores >= s.
+  """
+  g = groups
+  if positive == "in":
+    tpr, fpr = g.in_le.astype(g.dtype) / g.num_in, g.out_le.astype(g.dtype) / g.num_out
+  else:
+    tpr = (g.num_out - g.out_lt).astype(g.dtype) / g.num_out
+    fpr = (g.num_in - g.in_lt).astype(g.dtype) / g.num_in
   return tpr, fpr
 
 
-def _fpr_at_tpr_in_positive(scores_in, scores_out, tpr) -> jax.Array:
-  roc_tpr, roc_fpr = _roc_points(scores_in, scores_out)
+def _fpr_at_tpr(groups: _TieGroups, tpr, positive: str) -> jax.Array:
+  roc_tpr, roc_fpr = _roc_points(groups, positive)
   # No point reaches tpr only if tpr > 1 (a traced tpr skips the range check): report FPR 1.
-  fpr = jnp.min(jnp.where(roc_tpr >= tpr, roc_fpr, 1.0))
+  fpr = jnp.min(jnp.where(groups.is_last & (roc_tpr >= tpr), roc_fpr, 1.0), axis=-1)
   # The "accept nothing" point (TPR = FPR = 0) qualifies when tpr <= 0.
   return jnp.where(tpr <= 0, jnp.zeros_like(fpr), fpr)
 
 
-def _swap_roles(scores_in, scores_out):
-  """OOD-positive metrics are ID-positive metrics of the negated, swapped sets.
+def _detection_error(groups: _TieGroups) -> jax.Array:
+  roc_tpr, roc_fpr = _roc_points(groups)
+  # The "accept nothing" point (error 0.5) can be left out: "accept everything" scores
+  # 0.5 FPR <= 0.5 and is among the points.
+  return jnp.min(jnp.where(groups.is_last, 0.5 * (1.0 - roc_tpr) + 0.5 * roc_fpr, 1.0), axis=-1)
 
-  With s' = -score, "flag as OOD when score >= t" is "accept when s' <= -t", so the OOD set plays
-  the part of the positive set. Negation keeps ties tied.
-  """
-  return -scores_out, -scores_in
+
+def _auroc(groups: _TieGroups) -> jax.Array:
+  g = groups
+  # Each OOD sample at a distinct score s beats the ID samples below s and ties with those at s:
+  # twice its wins (a tie counts half) is an integer.
+  out_at, twice_wins = g.out_le - g.out_lt, g.in_lt + g.in_le
+  twice_pairs = 2 * g.num_in * g.num_out
+  widest_int = jax.dtypes.canonicalize_dtype(jnp.int64)  # int32 unless jax_enable_x64
+  if twice_pairs <= jnp.iinfo(widest_int).max:  # no product or total can overflow: exact
+    total = jnp.sum(jnp.where(g.is_last, out_at.astype(widest_int) * twice_wins, 0), axis=-1)
+    return total.astype(g.dtype) / twice_pairs
+  terms = out_at.astype(g.dtype) * twice_wins.astype(g.dtype) / twice_pairs
+  return jnp.sum(jnp.where(g.is_last, terms, 0.0), axis=-1)
+
+
+def _average_precision(num_pos_at, precision, is_last, num_pos) -> jax.Array:
+  # sklearn's step-wise AP, sum over distinct thresholds of (R_k - R_{k-1}) P_k: the recall step
+  # at a distinct score is the number of positives at that score over N_pos.
+  steps = jnp.where(is_last, num_pos_at.astype(precision.dtype) * precision, 0.0)
+  return jnp.sum(steps, axis=-1) / num_pos
+
+
+def _aupr_in(groups: _TieGroups) -> jax.Array:
+  g = groups
+  # ID positive, ranked by -score: accepting scores <= s, precision = ID <= s / all <= s (>= 1).
+  precision = g.in_le.astype(g.dtype) / (g.in_le + g.out_le).astype(g.dtype)
+  return _average_precision(g.in_le - g.in_lt, precision, g.is_last, g.num_in)
+
+
+def _aupr_out(groups: _TieGroups) -> jax.Array:
+  g = groups
+  # OOD positive, ranked by score: flagging scores >= s, precision = OOD >= s / all >= s.
+  out_ge, in_ge = g.num_out - g.out_lt, g.num_in - g.in_lt
+  precision = out_ge.astype(g.dtype) / (out_ge + in_ge).astype(g.dtype)
+  return _average_precision(g.out_le - g.out_lt, precision, g.is_last, g.num_out)
+
+
+def _metrics_from_groups(groups: _TieGroups, positive: str = "in") -> dict[str, jax.Array]:
+  """The five `all_metrics` values, each [...], from one `_tie_groups` call."""
+  return {
+      "fpr95": _fpr_at_tpr(groups, 0.95, positive),
+      "detection_error": _detection_error(groups),
+      "auroc": _auroc(groups),
+      "aupr_in": _aupr_in(groups),
+      "aupr_out": _aupr_out(groups),
+  }
+
+
+def _pair_groups(scores_in, scores_out) -> _TieGroups:
+  return _tie_groups(*_check_pair(scores_in, scores_out))
 
 
 def fpr_at_tpr(scores_in, scores_out, tpr=0.95, *, positive: str = "in") -> jax.Array:
@@ -157,10 +360,7 @@ def fpr_at_tpr(scores_in, scores_out, tpr=0.95, *, positive: str = "in") -> jax.
   """
   _check_positive(positive)
   _check_tpr(tpr)
-  scores_in, scores_out = _check_pair(scores_in, scores_out)
-  if positive == "out":
-    scores_in, scores_out = _swap_roles(scores_in, scores_out)
-  return _fpr_at_tpr_in_positive(scores_in, scores_out, tpr)
+  return _fpr_at_tpr(_pair_groups(scores_in, scores_out), tpr, positive)
 
 
 def tnr_at_tpr(scores_in, scores_out, tpr=0.95, *, positive: str = "in") -> jax.Array:
@@ -226,11 +426,7 @@ def detection_error(scores_in, scores_out, *, positive: str = "in") -> jax.Array
     [] float32 in [0, 0.5]; 0.5 when the sets cannot be told apart.
   """
   _check_positive(positive)
-  scores_in, scores_out = _check_pair(scores_in, scores_out)
-  roc_tpr, roc_fpr = _roc_points(scores_in, scores_out)
-  # The "accept nothing" point (error 0.5) can be left out: "accept everything" scores
-  # 0.5 FPR <= 0.5 and is among the points.
-  return jnp.min(0.5 * (1.0 - roc_tpr) + 0.5 * roc_fpr)
+  return _detection_error(_pair_groups(scores_in, scores_out))
 
 
 def auroc(scores_in, scores_out) -> jax.Array:
@@ -246,26 +442,7 @@ def auroc(scores_in, scores_out) -> jax.Array:
   Returns:
     [] float32 in [0, 1]; 0.5 when all scores are tied.
   """
-  scores_in, scores_out = _check_pair(scores_in, scores_out)
-  sorted_in = jnp.sort(scores_in)
-  # Per OOD sample, twice the number of ID samples it beats (a tie counts half), as an integer.
-  twice_wins = _count_lt(sorted_in, scores_out) + _count_le(sorted_in, scores_out)  # [M]
-  # Normalise before averaging: the total can exceed int32 for large sets.
-  return jnp.mean(twice_wins.astype(scores_out.dtype) / (2 * scores_in.shape[0]))
-
-
-def _average_precision_of_lowest(scores_pos, scores_neg) -> jax.Array:
-  """Average precision when the positives should have the LOWER scores.
-
-  sklearn's step-wise AP, sum_k (R_k - R_{k-1}) P_k over distinct thresholds, gives every
-  positive sample a recall step of 1 / N_pos at the threshold equal to its own score, so it is the
-  mean over positives of the precision among the samples scoring <= that positive.
-  """
-  sorted_pos, sorted_neg = jnp.sort(scores_pos), jnp.sort(scores_neg)
-  true_pos = _count_le(sorted_pos, scores_pos)  # [N_pos] >= 1, so no division by zero
-  false_pos = _count_le(sorted_neg, scores_pos)  # [N_pos]
-  dtype = scores_pos.dtype
-  return jnp.mean(true_pos.astype(dtype) / (true_pos + false_pos).astype(dtype))
+  return _auroc(_pair_groups(scores_in, scores_out))
 
 
 def aupr_in(scores_in, scores_out) -> jax.Array:
@@ -280,8 +457,7 @@ def aupr_in(scores_in, scores_out) -> jax.Array:
   Returns:
     [] float32 in (0, 1]; N / (N + M) when all scores are tied.
   """
-  scores_in, scores_out = _check_pair(scores_in, scores_out)
-  return _average_precision_of_lowest(scores_in, scores_out)
+  return _aupr_in(_pair_groups(scores_in, scores_out))
 
 
 def aupr_out(scores_in, scores_out) -> jax.Array:
@@ -296,8 +472,7 @@ def aupr_out(scores_in, scores_out) -> jax.Array:
   Returns:
     [] float32 in (0, 1]; M / (N + M) when all scores are tied.
   """
-  scores_in, scores_out = _check_pair(scores_in, scores_out)
-  return _average_precision_of_lowest(*_swap_roles(scores_in, scores_out))
+  return _aupr_out(_pair_groups(scores_in, scores_out))
 
 
 def all_metrics(scores_in, scores_out, *, positive: str = "in") -> dict[str, jax.Array]:
@@ -313,20 +488,14 @@ def all_metrics(scores_in, scores_out, *, positive: str = "in") -> dict[str, jax
     dict with keys "fpr95", "detection_error", "auroc", "aupr_in", "aupr_out", each [] float32.
     Under `jax.vmap` each value gets the mapped leading axes.
   """
-  return {
-      "fpr95": fpr_at_tpr(scores_in, scores_out, 0.95, positive=positive),
-      "detection_error": detection_error(scores_in, scores_out),
-      "auroc": auroc(scores_in, scores_out),
-      "aupr_in": aupr_in(scores_in, scores_out),
-      "aupr_out": aupr_out(scores_in, scores_out),
-  }
+  _check_positive(positive)
+  return _metrics_from_groups(_pair_groups(scores_in, scores_out), positive)
 
 
 def _metrics_grid(scores_in: jax.Array, scores_out: jax.Array) -> dict[str, jax.Array]:
-  fn = all_metrics
-  for _ in range(scores_in.ndim - 1):  # one vmap per leading grid axis
-    fn = jax.vmap(fn)
-  return fn(scores_in, scores_out)
+  # The whole grid in one `_tie_groups` call (one callback on CPU), not a vmap of all_metrics.
+  dtype = jnp.promote_types(jnp.promote_types(scores_in.dtype, scores_out.dtype), jnp.float32)
+  return _metrics_from_groups(_tie_groups(scores_in.astype(dtype), scores_out.astype(dtype)))
 
 
 _metrics_grid_jit = jax.jit(_metrics_grid)
@@ -334,6 +503,10 @@ _metrics_grid_jit = jax.jit(_metrics_grid)
 
 def metrics_grid(scores_in, scores_out) -> dict[str, jax.Array]:
   """`metrics.all_metrics` for every grid point of two score grids, in one compiled call.
+
+  The whole grid goes through one sort (`_tie_groups`: numpy behind one callback on CPU, `lax.sort`
+  elsewhere), so a [10, 21, 10000] x [10, 21, 10000] grid takes ~0.15 s on 2 CPU cores, ~15x a
+  scikit-learn loop over the 210 configurations (`benchmarks/metrics_grid.py`).
 
   Args:
     scores_in: [T, E, N] in-distribution scores (any number of leading grid axes, e.g. [T, N]).

@@ -300,3 +300,132 @@ def test_bad_arguments_raise():
     metrics.fpr_at_tpr(good, good, tpr=95)
   with pytest.raises(ValueError, match="tpr"):
     metrics.threshold_at_tpr(good, tpr=-0.1)
+
+
+# The sort behind every metric: XLA's `lax.sort` (GPU/TPU) or numpy behind `jax.pure_callback`
+# (CPU). Both are forced here, whichever backend runs the tests.
+SORTS = ("xla", "numpy")
+GROUP_FIELDS = ("in_lt", "in_le", "out_lt", "out_le")
+
+
+def _metrics_with(sort: str, positive: str = "in"):
+  """all_metrics on [..., N] x [..., M] grids, with the sort path forced."""
+  def fn(scores_in, scores_out):
+    return metrics._metrics_from_groups(metrics._tie_groups(scores_in, scores_out, sort), positive)
+  return fn
+
+
+def _groups_with(sort: str):
+  """The tie-group counts at the distinct scores, as a dict, with the sort path forced."""
+  def fn(scores_in, scores_out):
+    groups = metrics._tie_groups(scores_in, scores_out, sort)
+    return {"is_last": groups.is_last, **{k: getattr(groups, k) for k in GROUP_FIELDS}}
+  return fn
+
+
+def _tied_grid(rng, shape_in, shape_out):
+  """float32 scores on a coarse lattice (many ties across and within sets), with -0.0, 0.0 and
+  infinities mixed in."""
+  scores_in = np.round(rng.normal(size=shape_in), 0) / 2
+  scores_out = np.round(rng.normal(0.5, size=shape_out), 0) / 2
+  for scores in (scores_in, scores_out):
+    flat = scores.reshape(-1, scores.shape[-1])
+    flat[:, 0], flat[:, 1] = -0.0, 0.0
+    flat[::2, 2], flat[1::2, 2] = np.inf, -np.inf
+  return scores_in.astype(np.float32), scores_out.astype(np.float32)
+
+
+def _reference_counts(scores_in, scores_out) -> dict[str, np.ndarray]:
+  """ID / OOD scores below and at each distinct score, by numpy searchsorted."""
+  distinct = np.unique(np.r_[scores_in, scores_out])  # -0.0 and 0.0 are one value
+  sorted_in, sorted_out = np.sort(scores_in), np.sort(scores_out)
+  return {"in_lt": np.searchsorted(sorted_in, distinct, "left"),
+          "in_le": np.searchsorted(sorted_in, distinct, "right"),
+          "out_lt": np.searchsorted(sorted_out, distinct, "left"),
+          "out_le": np.searchsorted(sorted_out, distinct, "right")}
+
+
+@pytest.mark.parametrize("sort", SORTS)
+def test_tie_group_counts_match_searchsorted(sort):
+  rng = np.random.default_rng(4)
+  scores_in, scores_out = _tied_grid(rng, (2, 3, 40), (2, 3, 30))
+  got = jax.jit(_groups_with(sort))(scores_in, scores_out)
+  for index in np.ndindex(2, 3):
+    want = _reference_counts(scores_in[index], scores_out[index])
+    is_last = np.asarray(got["is_last"][index])
+    assert is_last.sum() == len(want["in_lt"])  # one entry per distinct score
+    for key in GROUP_FIELDS:
+      np.testing.assert_array_equal(np.asarray(got[key][index])[is_last], want[key],
+                                    err_msg=f"{sort} {key}{index}")
+
+
+def test_xla_and_numpy_sorts_agree_on_a_tied_grid_under_jit_and_vmap():
+  num_t, num_e, n_in, n_out = 3, 4, 60, 45
+  scores_in, scores_out = _tied_grid(np.random.default_rng(5), (num_t, num_e, n_in),
+                                     (num_t, num_e, n_out))
+  results = {}
+  for sort in SORTS:
+    # The grid in one call (as metrics_grid does), and the 1-D core under two vmaps.
+    results[sort, "grid"] = jax.jit(_metrics_with(sort))(scores_in, scores_out)
+    results[sort, "vmap"] = jax.jit(jax.vmap(jax.vmap(_metrics_with(sort))))(scores_in,
+                                                                             scores_out)
+    results[sort, "out"] = jax.jit(_metrics_with(sort, "out"))(scores_in, scores_out)
+  for key in KEYS:  # the same integers, so the same floats: equal to the bit
+    for how in ("grid", "vmap", "out"):
+      np.testing.assert_array_equal(results["numpy", how][key], results["xla", how][key],
+                                    err_msg=f"{how} {key}")
+    np.testing.assert_array_equal(results["numpy", "vmap"][key], results["numpy", "grid"][key])
+  np.testing.assert_array_equal(metrics.metrics_grid(scores_in, scores_out)["auroc"],
+                                results["xla", "grid"]["auroc"])
+  for t in range(num_t):
+    for e in range(num_e):
+      # sklearn refuses infinities; a huge finite score keeps the same order and ties.
+      want = sklearn_reference(*(np.clip(s[t, e].astype(np.float64), -1e30, 1e30)
+                                 for s in (scores_in, scores_out)))
+      for key in KEYS:
+        np.testing.assert_allclose(results["xla", "grid"][key][t, e], want[key], atol=ATOL,
+                                   err_msg=f"{key}[{t},{e}]")
+      np.testing.assert_allclose(results["xla", "out"]["fpr95"][t, e], want["fpr_out_positive"],
+                                 atol=ATOL)
+
+
+def test_numpy_sort_in_blocks_over_threads(monkeypatch):
+  # Small blocks, so that the host splits 12 rows over several blocks and threads.
+  monkeypatch.setattr(metrics, "_BLOCK_SAMPLES", 64)
+  scores_in, scores_out = _tied_grid(np.random.default_rng(6), (12, 25), (12, 20))
+  got = jax.jit(_groups_with("numpy"))(scores_in, scores_out)
+  want = jax.jit(_groups_with("xla"))(scores_in, scores_out)
+  for key in got:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_vmap_with_shared_scores_on_both_sorts():
+  rng = np.random.default_rng(7)
+  scores_in = np.round(rng.normal(size=40), 1).astype(np.float32)
+  scores_out = np.round(rng.normal(size=(5, 30)) + np.arange(5)[:, None], 1).astype(np.float32)
+  for sort in SORTS:
+    got = jax.jit(jax.vmap(_metrics_with(sort), in_axes=(None, 0)))(scores_in, scores_out)
+    for m, row in enumerate(scores_out):
+      want = sklearn_reference(scores_in, row)
+      for key in KEYS:
+        np.testing.assert_allclose(got[key][m], want[key], atol=ATOL, err_msg=f"{sort} {key}")
+
+
+def test_float64_with_x64_on_both_sorts():
+  rng = np.random.default_rng(8)
+  # Distinct in float64 but tied in float32: float64 must be kept all the way through.
+  base = rng.normal(size=(2, 50))
+  scores_in = np.r_[base[0], base[0, :10] + 1e-12]
+  scores_out = np.r_[base[1] + 0.5, base[0, :10]]
+  want = sklearn_reference(scores_in, scores_out)
+  with jax.enable_x64(True):
+    got = {}
+    for sort in SORTS:
+      got[sort] = jax.jit(_metrics_with(sort))(jnp.asarray(scores_in), jnp.asarray(scores_out))
+    public = metrics.all_metrics(scores_in, scores_out)
+    grid = metrics.metrics_grid(scores_in[None], scores_out[None])
+    for key in KEYS:
+      assert got["xla"][key].dtype == public[key].dtype == jnp.float64
+      np.testing.assert_array_equal(got["numpy"][key], got["xla"][key], err_msg=key)
+      np.testing.assert_allclose(public[key], want[key], atol=1e-12, rtol=0, err_msg=key)
+      np.testing.assert_allclose(grid[key][0], want[key], atol=1e-12, rtol=0, err_msg=key)
