@@ -1,4 +1,7 @@
-"""ODIN's (T, ε) grid against per-config `odin_score`, compile-once, chunking, map/vmap variants."""
+"""ODIN's (T, ε) grid against per-config `odin_score`, compile-once, chunking, map/vmap variants.
+
+The grid shares one forward pass among all temperatures and skips the forwards of ε = 0; the
+tests below check both against `odin_perturbation` / float64 numpy written independently."""
 from __future__ import annotations
 
 import jax
@@ -9,9 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from oodjax import detectors, metrics
 from oodjax.detectors import softmax
-from oodjax.detectors.odin import odin_grid
-from test_detectors_softmax import (STD, conv_net, inputs, mlp_apply, mlp_params, np_odin,
-                                    to_jax)
+from oodjax.detectors.odin import grid as grid_module
+from oodjax.detectors.odin import odin_grid, odin_perturbation
+from test_detectors_softmax import (STD, conv_net, inputs, mlp_apply, mlp_params, np_forward,
+                                    np_odin, np_softmax, to_jax)
 
 TEMPERATURES = (1.0, 7.0, 1000.0)
 EPSILONS = (0.0, 0.004, 0.05)
@@ -27,6 +31,59 @@ def test_grid_matches_reference_per_config():
     for e, epsilon in enumerate(EPSILONS):
       want = np_odin(p, x.astype(np.float64), temperature, epsilon)
       np.testing.assert_allclose(grid[t, e], want, rtol=2e-5, atol=2e-7, err_msg=f"{t}, {e}")
+
+
+@pytest.mark.parametrize("forward_batch", [1, 2, None])
+def test_grid_matches_reference_with_zero_epsilons_anywhere(forward_batch):
+  # forward_batch 1 is a plain lax.map where ε = 0 takes the shared forward pass's logits (a
+  # real cond); 2 and None vmap the forwards, where the cond runs both branches. A zero in the
+  # middle and a repeated zero must come out as the reference's ε = 0 column, wherever they sit.
+  p, x = mlp_params(), inputs(n=7)
+  epsilons = (0.004, 0.0, 0.05, 0.0)
+  grid = odin_grid(mlp_apply, to_jax(p), x, TEMPERATURES, epsilons, std=STD, chunk_size=3,
+                   forward_batch=forward_batch)
+  for t, temperature in enumerate(TEMPERATURES):
+    for e, epsilon in enumerate(epsilons):
+      want = np_odin(p, x.astype(np.float64), temperature, epsilon)
+      np.testing.assert_allclose(grid[t, e], want, rtol=2e-5, atol=2e-7, err_msg=f"{t}, {e}")
+    # ε = 0 is temperature-scaled MSP of the unperturbed inputs, written out in float64.
+    logits, _ = np_forward(p, x.astype(np.float64))
+    msp = 1.0 - np_softmax(logits / temperature).max(-1)
+    np.testing.assert_allclose(grid[t, 1], msp, rtol=2e-5, atol=2e-7)
+    np.testing.assert_array_equal(grid[t, 1], grid[t, 3])
+
+
+@pytest.mark.parametrize("net", ["mlp", "conv"])
+def test_shared_forward_directions_equal_odin_perturbation(net):
+  # The grid's directions come from one forward pass and T pullbacks; odin_perturbation
+  # differentiates the whole loss at each T. The signs must agree exactly (the MLP's dead pixel
+  # has a zero gradient, which both must send to +1 / std).
+  if net == "mlp":
+    apply_fn, variables, x = mlp_apply, to_jax(mlp_params()), jnp.asarray(inputs(n=6))
+  else:
+    apply_fn, variables = conv_net(num_classes=4, channels=2)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 8, 8, 2)), jnp.float32)
+  temperatures = jnp.asarray(TEMPERATURES, jnp.float32)
+  std = jnp.asarray(STD, jnp.float32)
+  directions, logits = jax.jit(
+      lambda v, xb: grid_module._odin_directions(apply_fn, v, xb, temperatures, std, 1)
+  )(variables, x)
+  assert directions.shape == (len(TEMPERATURES), *x.shape)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(apply_fn(variables, x)), rtol=1e-6,
+                             atol=1e-6)
+  perturb = jax.jit(lambda t: odin_perturbation(apply_fn, variables, x, temperature=t, std=STD))
+  for t, temperature in enumerate(TEMPERATURES):
+    np.testing.assert_array_equal(np.asarray(directions[t]),
+                                  np.asarray(perturb(jnp.float32(temperature))), err_msg=str(t))
+
+
+def test_one_config_per_step_keeps_the_epsilon_zero_branch():
+  # lax.map(batch_size=1) vmaps its body, which turns lax.cond into a select that runs the
+  # skipped forward anyway; forward_batch=1 must compile to a real conditional.
+  args = (to_jax(mlp_params()), jnp.asarray(inputs(n=3)), jnp.asarray(TEMPERATURES),
+          jnp.asarray(EPSILONS), jnp.asarray(STD))
+  plain = jax.make_jaxpr(lambda *a: grid_module._odin_grid_chunk(mlp_apply, *a, 1))(*args)
+  assert "cond[" in str(plain)
 
 
 def test_grid_equals_odin_per_config_on_a_conv_net():

@@ -1,26 +1,58 @@
 """Hyperparameter grids for the softmax detectors, each in one compiled program.
 
 `odin_grid` scores a dataset under every (T, ε) pair of ODIN's grid. The input gradient depends on
-T but not on ε, so it is computed once per temperature (T backward passes), then the T·E perturbed
-forward passes reuse it:
+T but not on ε, so it is computed once per temperature, then the T·E perturbed forward passes
+reuse it:
 
-    directions[t] = sign(∇_x loss(x; T_t)) / std         # T backward passes   [T, B, H, W, C]
-    scores[t, e]  = 1 − max softmax(f(x − ε_e · directions[t]) / T_t)            [T, E, B]
+    logits, pullback = vjp(f, x)                          # ONE forward pass, shared by every T
+    directions[t] = sign(pullback(∂loss_t/∂logits)) / std  # T backward passes   [T, B, H, W, C]
+    scores[t, e]  = 1 − max softmax(f(x − ε_e · directions[t]) / T_t)             [T, E, B]
 
-How the T·E forwards (and the T backwards) are batched is the `forward_batch` knob:
+with loss_t = −log S_ŷ(x; T_t) as in `odin_perturbation`. Two exact savings over running
+`odin_perturbation` and a forward per config: the forward pass under the T gradients is one
+pass (ŷ and f(x) do not depend on T), and ε = 0 leaves x unperturbed, so its T scores come from
+that pass's logits (a `lax.cond` per config; the paper's grid starts at ε = 0). What remains is
+T backward passes and T·(E − 1) forwards, plus one.
 
-* an int n: `lax.map(..., batch_size=n)`, i.e. a loop over groups of n configs, each group a
-  `vmap`. On CPU this is the fast choice: one giant batch is slower than a loop of moderate ones
-  and its activations for T·E copies of the chunk nearly fill RAM.
+How the forwards (and the T backwards) are batched is the `forward_batch` knob:
+
+* an int n: a loop over groups of n configs, each group a `vmap` (n = 1: a plain `lax.map`).
+  On CPU, n = 1 is the fast choice, see `_DEFAULT_CPU_FORWARD_BATCH`.
 * None: one `vmap` over every config, the accelerator choice (the device is wide enough and the
   loop overhead would dominate); memory grows with T·E · `chunk_size`.
-* "auto" (default): None on an accelerator, 16 on CPU, decided when called.
+* "auto" (default): None on an accelerator, 1 on CPU, decided when called.
 
 Data is processed `chunk_size` images at a time: a Python loop over a jitted function whose last
 chunk is padded (with copies of the last image) to the same shape, so the program is traced and
 compiled once for a (model, chunk shape, T, E) and reused for every chunk and every later call with
 other T or ε VALUES. The jitted function takes `apply_fn` as a static argument: pass one that
 hashes by value (`oodjax.models.inference_apply(model)`), not a fresh `functools.partial`.
+
+Measured on CPU (2-core Intel Xeon, jax 0.10.2, small CNN on 1,000 Fashion-MNIST images, paper's
+10 x 21 grid, interleaved repeats; `benchmarks/odin_grid.py` has the side-by-side numbers):
+
+* This layout (shared forward, ε = 0 from it, plain `lax.map`) takes 10.7 s where the previous
+  one (a forward inside each of the T gradients, a forward for every config, `lax.map` with
+  `batch_size=1`) took 11.8 s, with identical scores. Most of the gain is the plain `lax.map`:
+  `batch_size=1` wraps each step in a size-1 `vmap`, which cost ~10% in the forwards and turned
+  the ε = 0 `cond` into a select that runs the skipped forward anyway. XLA already hoisted the
+  T-invariant forward out of the old gradient loop, so sharing it gains little on its own.
+* Of the 10.7 s, the 200 perturbed forwards take ~7.1 s, i.e. one plain jitted forward over the
+  same images each (~36 ms per 1,000 images: ~240 GFLOP/s by the network's multiply-adds, the
+  order of two AVX-512 cores' float32 peak), and the 10 backward passes ~3.4 s (~9 forwards
+  each): XLA:CPU's input gradient is slow, above all the select-and-scatter of max-pool's
+  gradient (a pool written with a cheaper gradient made the grid ~7% faster; that is a change
+  to the model, not to this file).
+* `chunk_size` does not matter for speed between 125 and 1,000 (forward throughput is flat in
+  the batch size; all within 3%, the noise), nor does the number of host round trips (4 calls of
+  250 vs 1 of 1,000: within noise). The default stays 256, for memory: a chunk holds the T
+  directions, the forward's residuals and one forward's activations (small for this CNN, GBs
+  for a ResNet at 1,000 images). Padding the last chunk wastes at most `chunk_size` − 1 images
+  (24 of 1,000 at 256: 2.4%); compiling a separate program for the remainder would cost ~1 s
+  per distinct dataset size instead, so the padding stays.
+* `forward_batch` 2 is 5x slower than 1 (57 s vs 11 s): XLA:CPU runs a `vmap`ped network much
+  more slowly than the same images as one batch (2.3x per image for the forward alone) and a
+  `vmap`ped max-pool gradient slower still.
 
 `oodjax.metrics.metrics_grid` turns the [T, E, N] and [T, E, M] grids into [T, E] tables.
 """
@@ -33,13 +65,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from oodjax.batching import map_padded
-from oodjax.detectors.odin.preprocessing import odin_perturbation
 from oodjax.detectors.softmax import (ApplyFn, check_grid, check_std, logits_of,
                                       max_softmax_score)
 
-# On CPU, one configuration per lax.map step is fastest: grouping configs makes XLA run the
-# network on a batch of (group x chunk) images, measured 3x slower for groups of 4 to 16 on
-# 2 cores (500 images, 10 x 21 grid: 10.9 s at 1, 33 s at 4, 35 s at 16, 42 s fully vmapped).
+# On CPU, one configuration per lax.map step is fastest: grouping configs makes XLA run a vmapped
+# network, measured 3x slower for groups of 4 to 16 on 2 cores (500 images, 10 x 21 grid: 10.9 s
+# at 1, 33 s at 4, 35 s at 16, 42 s fully vmapped) and 5x slower for groups of 2 with the shared
+# forward (1,000 images: 57 s vs 11 s).
 _DEFAULT_CPU_FORWARD_BATCH = 1
 
 
@@ -58,7 +90,47 @@ def _map(fn: Callable, xs: Any, batch: int | None) -> Any:
   """`vmap(fn)(xs)` when batch is None, else a loop over groups of `batch` (`lax.map`)."""
   if batch is None:
     return jax.vmap(fn)(xs)
+  if batch == 1:
+    # lax.map(batch_size=1) would still vmap fn over groups of one, turning lax.cond into
+    # select (both branches run); a plain lax.map keeps the cond a real branch.
+    return jax.lax.map(fn, xs)
   return jax.lax.map(fn, xs, batch_size=batch)
+
+
+def _odin_directions(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatures: jax.Array,
+                     std: jax.Array, forward_batch: int | None) -> tuple[jax.Array, jax.Array]:
+  """`odin_perturbation` at every temperature from ONE forward pass, and that pass's logits.
+
+  `odin_input_gradient`'s loss −log S_ŷ(x; T) depends on x only through the logits f(x), and ŷ
+  does not depend on T, so ∇_x loss = J_f(x)ᵀ · ∂loss/∂logits: the forward pass (and the
+  residuals its backward pass needs) is shared by all T, and each temperature costs one
+  backward pass from its own cotangent. The loss and the sign rule are `odin_perturbation`'s,
+  written here at the logits; tests compare the grid with `odin_score` to keep them in step.
+
+  Args:
+    apply_fn, variables: the network, as in `odin_grid`.
+    x: [B, H, W, C] normalised inputs.
+    temperatures: [T] values > 0.
+    std: [C] the per-channel normalisation std.
+    forward_batch: temperatures per step of the backward passes (`_map`).
+
+  Returns:
+    directions: [T, B, H, W, C] entries ±1 / std[c], `odin_perturbation` at each T.
+    logits: [B, K] f(x), the unperturbed logits.
+  """
+  logits, pullback = jax.vjp(lambda inputs: logits_of(apply_fn, variables, inputs), x)  # [B, K]
+  labels = jnp.argmax(logits, axis=-1)  # [B], ŷ from the unscaled logits, as in odin_score
+
+  def loss(z, temperature):  # [B, K] logits -> [] −Σ_b log S_ŷ(x_b; T)
+    log_probs = jax.nn.log_softmax(z / temperature, axis=-1)  # [B, K]
+    return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+  def direction(temperature):
+    (grad,) = pullback(jax.grad(loss)(logits, temperature))  # [B, H, W, C]
+    sign = jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)  # ">= 0 -> +1", the released code
+    return sign / std.reshape((1,) * (x.ndim - 1) + (-1,))
+
+  return _map(direction, temperatures, forward_batch), logits
 
 
 def _odin_grid_chunk(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatures: jax.Array,
@@ -66,17 +138,22 @@ def _odin_grid_chunk(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatur
                      ) -> jax.Array:
   """[B, H, W, C] -> [T, E, B] ODIN scores; see the module docstring."""
   num_t, num_e = temperatures.shape[0], epsilons.shape[0]
-  directions = _map(  # [T, B, H, W, C], one backward pass per temperature
-      lambda t: odin_perturbation(apply_fn, variables, x, temperature=t, std=std),
-      temperatures, forward_batch)
+  directions, logits = _odin_directions(apply_fn, variables, x, temperatures, std,
+                                        forward_batch)  # [T, B, H, W, C], [B, K]
   # Configs in row-major (t, e) order, so the [T * E] results reshape straight to [T, E].
   t_index = jnp.repeat(jnp.arange(num_t), num_e)  # [T * E]
   e_index = jnp.tile(jnp.arange(num_e), num_t)  # [T * E]
 
   def forward(config):
     t, e = config
-    x_tilde = x - epsilons[e] * directions[t]  # [B, H, W, C]
-    return max_softmax_score(logits_of(apply_fn, variables, x_tilde), temperatures[t])  # [B]
+    epsilon = epsilons[e]
+    # ε = 0 leaves x unperturbed at every T: its logits are the shared forward pass's, so the
+    # cond skips T forwards (the paper's grid starts at 0). Under vmap (forward_batch None or
+    # > 1) the cond becomes a select and both branches run: no saving there, no harm.
+    logits_e = jax.lax.cond(
+        epsilon == 0, lambda: logits,
+        lambda: logits_of(apply_fn, variables, x - epsilon * directions[t]))  # [B, K]
+    return max_softmax_score(logits_e, temperatures[t])  # [B]
 
   scores = _map(forward, (t_index, e_index), forward_batch)  # [T * E, B]
   return scores.reshape(num_t, num_e, x.shape[0])
@@ -90,8 +167,9 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
   """ODIN scores of every image under every (temperature, epsilon) pair.
 
   `odin_grid(...)[t, e]` equals `odin_score(apply_fn, variables, x, temperature=temperatures[t],
-  epsilon=epsilons[e], std=std)` up to float32 rounding, at the cost of T backward and T·E
-  forward passes rather than T·E of each.
+  epsilon=epsilons[e], std=std)` up to float32 rounding, at the cost of one forward, T backward
+  and T·E forward passes (T·(E − 1) when ε = 0 is in the grid) rather than T·E backward and
+  2·T·E forward passes.
 
   Args:
     apply_fn: `apply_fn(variables, x) -> logits [B, K]`, the network in inference mode. Static
@@ -104,11 +182,14 @@ def odin_grid(apply_fn: ApplyFn, variables: Any, x, temperatures, epsilons, *, s
     epsilons: [E] values >= 0 (concrete), in [0, 1]-pixel units as in `odin_score`.
     std: [C] the per-channel std the inputs were normalised with.
     chunk_size: images per compiled call; the last chunk is padded to this size
-      (`oodjax.batching.map_padded`). Peak memory is about T · chunk_size input gradients
-      plus the activations of `forward_batch` · chunk_size images (T · E · chunk_size with
-      `forward_batch=None`).
+      (`oodjax.batching.map_padded`). Peak memory is about T · chunk_size directions, the
+      residuals of one forward pass over chunk_size images (what its backward pass needs) and
+      the activations of `forward_batch` · chunk_size images (T · E · chunk_size with
+      `forward_batch=None`). On CPU the speed barely depends on it (see the module docstring),
+      so pick it for memory.
     forward_batch: configs per step of the T backward and T·E forward passes: an int for
-      `lax.map` groups (CPU), None for one full `vmap` (accelerators), "auto" to pick by backend.
+      `lax.map` groups (1 on CPU), None for one full `vmap` (accelerators), "auto" to pick by
+      backend.
 
   Returns:
     [T, E, B] float32 numpy array of scores, higher = more OOD.
