@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oodjax.batching import map_padded
+from oodjax.detectors.odin.preprocessing import odin_loss, sign_direction
 from oodjax.detectors.softmax import (ApplyFn, check_grid, check_std, logits_of,
                                       max_softmax_score)
 
@@ -104,8 +105,8 @@ def _odin_directions(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatur
   `odin_input_gradient`'s loss −log S_ŷ(x; T) depends on x only through the logits f(x), and ŷ
   does not depend on T, so ∇_x loss = J_f(x)ᵀ · ∂loss/∂logits: the forward pass (and the
   residuals its backward pass needs) is shared by all T, and each temperature costs one
-  backward pass from its own cotangent. The loss and the sign rule are `odin_perturbation`'s,
-  written here at the logits; tests compare the grid with `odin_score` to keep them in step.
+  backward pass from its own cotangent. The loss and the sign rule are `odin_perturbation`'s
+  own (`odin_loss`, `sign_direction`).
 
   Args:
     apply_fn, variables: the network, as in `odin_grid`.
@@ -121,14 +122,9 @@ def _odin_directions(apply_fn: ApplyFn, variables: Any, x: jax.Array, temperatur
   logits, pullback = jax.vjp(lambda inputs: logits_of(apply_fn, variables, inputs), x)  # [B, K]
   labels = jnp.argmax(logits, axis=-1)  # [B], ŷ from the unscaled logits, as in odin_score
 
-  def loss(z, temperature):  # [B, K] logits -> [] −Σ_b log S_ŷ(x_b; T)
-    log_probs = jax.nn.log_softmax(z / temperature, axis=-1)  # [B, K]
-    return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
-
   def direction(temperature):
-    (grad,) = pullback(jax.grad(loss)(logits, temperature))  # [B, H, W, C]
-    sign = jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)  # ">= 0 -> +1", the released code
-    return sign / std.reshape((1,) * (x.ndim - 1) + (-1,))
+    (grad,) = pullback(jax.grad(odin_loss)(logits, labels, temperature))  # [B, H, W, C]
+    return sign_direction(grad, std)
 
   return _map(direction, temperatures, forward_batch), logits
 

@@ -50,8 +50,7 @@ def odin_input_gradient(apply_fn: ApplyFn, variables: Any, x: jax.Array, *,
     # T > 0 does not change the argmax, so the unscaled logits give the label the paper's
     # argmax_i S_i(x; T) gives, with no ties broken differently by the division.
     labels = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1))  # [B]
-    log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)  # [B, K]
-    return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+    return odin_loss(logits, labels, temperature)
 
   return jax.grad(loss)(x)
 
@@ -78,11 +77,26 @@ def odin_perturbation(apply_fn: ApplyFn, variables: Any, x: jax.Array, *,
   """
   std = check_std(std, x.shape[-1])
   grad = odin_input_gradient(apply_fn, variables, x, temperature=temperature)
+  return sign_direction(grad, std)
+
+
+def odin_loss(logits: jax.Array, labels: jax.Array, temperature: float | jax.Array) -> jax.Array:
+  """−Σ_b log S_ŷ(x_b; T): the loss ODIN differentiates, written at the logits [B, K].
+
+  `labels` [B] are ŷ, held fixed. `odin_input_gradient` differentiates it through the network;
+  `oodjax.detectors.odin.grid` pulls its logit gradient back through one shared forward pass.
+  """
+  log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)  # [B, K]
+  return -jnp.sum(jnp.take_along_axis(log_probs, labels[:, None], axis=-1))
+
+
+def sign_direction(grad: jax.Array, std: jax.Array) -> jax.Array:
+  """sign(grad) / std per channel, with ODIN's sign rule; grad [B, H, W, C], std [C]."""
   # The released code takes the sign as (grad >= 0) mapped to {-1, +1}, so a zero gradient
   # moves the pixel (+1); jnp.sign would leave it (0). We follow the released code.
-  sign = jnp.where(grad >= 0, 1.0, -1.0).astype(x.dtype)
+  sign = jnp.where(grad >= 0, 1.0, -1.0).astype(grad.dtype)
   # Explicit reshape: the inputs are [..., C], and implicit rank promotion is an error in tests.
-  return sign / std.reshape((1,) * (x.ndim - 1) + (-1,))
+  return sign / std.reshape((1,) * (grad.ndim - 1) + (-1,))
 
 
 def odin_score(apply_fn: ApplyFn, variables: Any, x: jax.Array, *, temperature: float | jax.Array,
