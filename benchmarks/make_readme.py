@@ -48,14 +48,21 @@ def _odin(r: dict) -> str:
       released, strict, chunked, forwards, "", diff])
 
 
+def _load(m: dict) -> str:
+  if "load_before" not in m:
+    return "not recorded"
+  return f"{m['load_before'][0]:.2f}, {m['load_after'][0]:.2f}"
+
+
 def _whitebox(r: dict) -> str:
   lines = [
       f"Median of {r['models'][0]['repeats']} interleaved repeats, {r['cpu_threads']} CPU "
-      f"threads ({r['backend']}, jax {r['jax']}); load average (1 min) "
-      f"{r['load_before'][0]:.2f} before, {r['load_after'][0]:.2f} after.", "",
+      f"threads of {r.get('cpu', 'an unrecorded CPU')} ({r['backend']}, jax {r['jax']}); load "
+      f"average (1 min, counting the benchmark's own threads) {r['load_before'][0]:.2f} before, "
+      f"{r['load_after'][0]:.2f} after.", "",
       "| model | input | images | forward (s) | indicators (s) | indicators / forward "
-      "| goal | / chunked forward | unchunked / forward |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      "| goal | / chunked forward | unchunked / forward | load before, after |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
   for m in r["models"]:
     sec = m["seconds"]
     met = "met" if m["ratio"] <= m["goal"] else "**not met**"
@@ -63,7 +70,7 @@ def _whitebox(r: dict) -> str:
         f"| `{m['model']}` | {'x'.join(map(str, m['input_shape']))} | {m['images']} "
         f"| {sec['forward']:.3f} | {sec['indicators']:.3f} | **{m['ratio']:.2f}x** "
         f"| ≤ {m['goal']}x ({met}) | {m['ratio_to_chunked_forward']:.2f}x "
-        f"| {m['ratio_unchunked']:.2f}x |")
+        f"| {m['ratio_unchunked']:.2f}x | {_load(m)} |")
   return "\n".join(lines)
 
 

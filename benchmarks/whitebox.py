@@ -1,6 +1,6 @@
 """Cost of all sample-free white-box indicators (but ODIN) relative to a plain forward pass.
 
-    .venv/bin/python -m benchmarks.whitebox                       # every architecture, ~6 min
+    .venv/bin/python -m benchmarks.whitebox                       # every architecture, ~10 min on 2 cores
     .venv/bin/python -m benchmarks.whitebox --models small_cnn    # one, about a minute
 
 For each architecture, four jitted functions are warmed up, then timed side by side: each
@@ -43,8 +43,10 @@ ARCHITECTURES = {
     "small_cnn": ((28, 28, 1), 10_000, 1.55),
     "resnet_tiny": ((28, 28, 1), 5_000, 1.1),
     "densenet_tiny": ((28, 28, 1), 5_000, 1.1),
-    "resnet18": ((32, 32, 3), 500, 1.1),
-    "vgg16": ((32, 32, 3), 500, 1.1),
+    # Two and four chunks of 64: enough to price the chunking, small enough to time VGG-16's
+    # ~0.15 s per image on 2 cores five times over.
+    "resnet18": ((32, 32, 3), 256, 1.1),
+    "vgg16": ((32, 32, 3), 128, 1.1),
 }
 
 
@@ -61,7 +63,20 @@ def _chunked(fn, chunk: int):
       lambda c: fn(variables, c), x, chunk)
 
 
+def cpu_name() -> str:
+  """The CPU's model name (ratios move between machines; the README says which one ran)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown CPU"
+
+
 def bench_one(name: str, shape, n: int, goal: float, batch_size: int, repeats: int) -> dict:
+  load_before = os.getloadavg()
   model = get_model(name, num_classes=10)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + shape))
   batch_size = min(batch_size, n)
@@ -94,6 +109,7 @@ def bench_one(name: str, shape, n: int, goal: float, batch_size: int, repeats: i
       "ratio": med["indicators"] / med["forward"],
       "ratio_to_chunked_forward": med["indicators"] / med["forward, chunked"],
       "ratio_unchunked": med["indicators, unchunked"] / med["forward"],
+      "load_before": load_before, "load_after": os.getloadavg(),
   }
   print(f"{name}: {images_total} images {shape}, batches of {batch_size}, chunks of {chunk}, "
         f"median of {repeats}, {len(names)} indicators")
@@ -134,7 +150,7 @@ def main() -> None:
     path = pathlib.Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "backend": jax.default_backend(), "cpu_threads": os.cpu_count(),
+        "backend": jax.default_backend(), "cpu": cpu_name(), "cpu_threads": os.cpu_count(),
         "jax": jax.__version__, "load_before": load_before, "load_after": load_after,
         "models": results}, indent=2) + "\n")
 
