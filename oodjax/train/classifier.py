@@ -37,8 +37,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -46,11 +44,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from oodjax.data.core import ImageDataset, batches
-from oodjax.train import checkpoint as ckpt
 from oodjax.train import sharding as shd
+from oodjax.train.loop import Job, run_job
 from oodjax.train.schedules import make_optimizer
 from oodjax.train.state import TrainState, create_train_state
 from oodjax.train.step import make_classification_loss, make_eval_step, make_train_step
@@ -85,7 +82,7 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 # The config entries that decide what training produces; evaluation settings, the mesh and the
 # checkpoint cadence may change between runs of the same training without a warning.
-TRAINING_KEYS = ("seed", "dataset", "model", "train_size", "train")
+TRAINING_KEYS = ("seed", "dataset", "model", "train_size", "train", "vmdls")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
@@ -171,25 +168,6 @@ def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
           "eval_loss": float(totals["loss_sum"]) / count, "eval_count": count}
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops metric lines logged after `last_step` by a run that was killed before saving them
-  in a checkpoint: the resumed run logs those steps again."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-  if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def _append_metrics(file, record: dict[str, Any]) -> None:
-  file.write(json.dumps(record) + "\n")
-  file.flush()
-
-
 def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                      model: nn.Module, train_ds: ImageDataset,
                      eval_ds: ImageDataset | None = None, progress: bool | None = None,
@@ -219,110 +197,32 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     {"step", "total_steps", "steps_per_epoch", "resumed_from" (step or None),
     "already_finished", "eval" (last eval dict or None), "best_step", "train_seconds"}.
   """
-  workdir = os.fspath(workdir)
   mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
   _validate(config, model, train_ds, eval_ds, mesh)
   tc = config.train
   batch_size = int(tc.batch_size)
   steps_per_epoch = len(train_ds) // batch_size
-  total_steps = int(tc.num_epochs) * steps_per_epoch
-  tx, schedule = make_optimizer(tc, total_steps)
-
-  init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
+  tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
   sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
-  init_fn = lambda rng: create_train_state(model, tx, rng, sample)  # noqa: E731
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_shardings = shd.state_sharding(abstract_state, mesh)
-  data_sharding = shd.batch_sharding(mesh)
 
-  os.makedirs(workdir, exist_ok=True)
-  manager = ckpt.make_checkpoint_manager(
-      os.path.join(workdir, "checkpoints"), every_steps=int(config.checkpoint.every_steps),
-      keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save))
-  digest = config_hash(config)
-  try:
-    restored = ckpt.restore_latest(manager,
-                                   shd.with_shardings(abstract_state, state_shardings))
-    if restored is None:
-      state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
-      resumed_from, last_eval = None, None
-    else:
-      state, train_rng, meta = restored
-      resumed_from, last_eval = int(meta["step"]), meta.get("eval")
-      if meta.get("config_hash") != digest:
-        logger.warning("resuming step %d of a run whose config differed (hash %s, now %s)",
-                       resumed_from, meta.get("config_hash"), digest)
-      logger.info("resuming from step %d in %s", resumed_from, workdir)
-    train_rng = jax.device_put(train_rng, shd.replicated(mesh))
-    start_step = int(jax.device_get(state.step))
-    summary = {"step": start_step, "total_steps": total_steps,
-               "steps_per_epoch": steps_per_epoch, "resumed_from": resumed_from,
-               "already_finished": start_step >= total_steps, "eval": last_eval,
-               "best_step": ckpt.best_step(manager), "train_seconds": 0.0}
-    if start_step >= total_steps:
-      return state, summary
-    if restore_only:
-      raise ValueError(
-          f"{workdir} holds no finished training run (at step {start_step} of {total_steps});"
-          " run `oodjax train` or `oodjax run` with the same config first")
+  def epoch_batches(epoch, start_batch, sharding):
+    return batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
+                   start_batch=start_batch, drop_remainder=True, augment=bool(tc.augment),
+                   sharding=sharding)
 
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, start_step)
-    train_step = shd.jit_train_step(
-        make_train_step(make_classification_loss(model.apply), tx), mesh, state_shardings)
-    eval_step = shd.jit_eval_step(make_eval_step(model.apply), mesh, state_shardings)
-    padded_eval_ds = None if eval_ds is None else _pad_eval_set(eval_ds, batch_size)
-    show = sys.stderr.isatty() if progress is None else progress
-    start_time = time.perf_counter()
-    with open(metrics_path, "a") as metrics_file, \
-        tqdm.tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
-                  dynamic_ncols=True) as bar:
-      step = start_step
-      # images/s counts training only: time spent evaluating and saving is taken out.
-      window, window_start, window_steps, paused = None, time.perf_counter(), 0, 0.0
-      for epoch in range(start_step // steps_per_epoch, int(tc.num_epochs)):
-        start_batch = step - epoch * steps_per_epoch
-        for batch in batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
-                             start_batch=start_batch, drop_remainder=True,
-                             augment=bool(tc.augment), sharding=data_sharding):
-          state, metrics = train_step(state, batch, train_rng)
-          step += 1
-          # Summed on device, fetched only at log time, so logging does not stall the step.
-          window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
-          window_steps += 1
-          bar.update(1)
-          if step % int(tc.log_every_steps) == 0 or step == total_steps:
-            means = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-            elapsed = time.perf_counter() - window_start - paused
-            record = {"kind": "train", "step": step, "epoch": epoch, **means,
-                      "learning_rate": float(schedule(step - 1)),
-                      "images_per_s": window_steps * batch_size / max(elapsed, 1e-9)}
-            _append_metrics(metrics_file, record)
-            bar.set_postfix(loss=f"{means['loss']:.4f}",
-                            img_s=f"{record['images_per_s']:.0f}")
-            window, window_start, window_steps, paused = None, time.perf_counter(), 0, 0.0
-          if step % int(config.checkpoint.every_steps) == 0 or step == total_steps:
-            pause_start = time.perf_counter()
-            eval_metrics = None
-            if eval_ds is not None:
-              eval_metrics = _evaluate(eval_step, state, padded_eval_ds, batch_size,
-                                       data_sharding)
-              _append_metrics(metrics_file,
-                              {"kind": "eval", "step": step, "epoch": epoch, **eval_metrics})
-              last_eval = eval_metrics
-            meta = {"step": step, "epoch": epoch, "batch_in_epoch": step - epoch *
-                    steps_per_epoch, "config_hash": digest, "eval": eval_metrics}
-            ckpt.save_checkpoint(
-                manager, step, state, train_rng, meta,
-                metrics=({"eval_accuracy": eval_metrics["eval_accuracy"]}
-                         if eval_metrics else None))
-            paused += time.perf_counter() - pause_start
-    ckpt.wait_until_finished(manager)
-    summary.update(step=step, eval=last_eval, already_finished=False,
-                   best_step=ckpt.best_step(manager),
-                   train_seconds=time.perf_counter() - start_time)
-  finally:
-    # Also on an exception: a save already started is completed rather than left half-written.
-    ckpt.close_checkpoint_manager(manager)
-  return state, summary
+  evaluate = None
+  if eval_ds is not None:
+    padded_eval_ds = _pad_eval_set(eval_ds, batch_size)
+    eval_step = jax.jit(make_eval_step(model.apply))
 
+    def evaluate(state):
+      return _evaluate(eval_step, state, padded_eval_ds, batch_size,
+                       shd.batch_sharding(mesh))
+
+  job = Job(init_fn=lambda rng: create_train_state(model, tx, rng, sample),
+            train_step=make_train_step(make_classification_loss(model.apply), tx),
+            epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
+            num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
+            evaluate=evaluate)
+  return run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
+                 seed=int(config.seed), progress=progress, restore_only=restore_only)
