@@ -36,6 +36,10 @@ def _load_experiment(args):
   from oodjax.detectors import REGISTRY
   from oodjax.evaluate import check_plan  # a bad detector list fails now, not after training
   check_plan(config.eval.detectors, REGISTRY, config.eval.holdout)
+  wanted = sorted(d for d in config.eval.detectors if REGISTRY[d].network == "vmdls")
+  if wanted and "vmdls" not in config:
+    raise ValueError(f"{wanted} score a VMDLS encoder: the config needs a `vmdls` section "
+                     "(oodjax.vmdls.vmdls_config())")
   train_ds = data.load(config.dataset, "train", seed=config.seed, data_dir=args.data_dir)
   test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=args.data_dir)
   if config.get("train_size"):
@@ -43,6 +47,10 @@ def _load_experiment(args):
   data.validate(train_ds, require_labels=True)
   data.validate(test_ds, require_labels=True)
   model = models.get_model(config.model, num_classes=train_ds.num_classes)
+  if "vmdls" in config:  # its errors too come before any training
+    from oodjax.train.sharding import make_mesh
+    from oodjax.vmdls.train import check_vmdls_config
+    check_vmdls_config(config, train_ds, make_mesh(config.mesh.shape, config.mesh.axes))
   return config, model, train_ds, test_ds
 
 
@@ -52,14 +60,36 @@ def _train(args, config, model, train_ds, test_ds):
                           eval_ds=test_ds, progress=not args.no_progress)
 
 
-def _evaluate(args, config, model, state) -> None:
-  from oodjax.evaluate import run_evaluation
-
+def _variables(state):
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  run_evaluation(config, args.workdir, model, variables, data_dir=args.data_dir,
-                 progress=not args.no_progress, config_name=args.config)
+  return variables
+
+
+def _train_vmdls(args, config, train_ds, test_ds, restore_only: bool = False):
+  """The VMDLS encoder of a config with a `vmdls` section, in WORKDIR/vmdls."""
+  from oodjax import models
+  from oodjax.vmdls.train import train_vmdls
+  backbone = models.get_model(config.vmdls.get("backbone") or config.model,
+                              num_classes=train_ds.num_classes)
+  if config.vmdls.get("train_size"):
+    train_ds = train_ds.take(slice(0, config.vmdls.train_size))
+  encoder, state, _ = train_vmdls(config, os.path.join(args.workdir, "vmdls"),
+                                  backbone=backbone, train_ds=train_ds, eval_ds=test_ds,
+                                  progress=not args.no_progress, restore_only=restore_only)
+  return encoder, state
+
+
+def _evaluate(args, config, model, state, vmdls=None) -> None:
+  from oodjax.evaluate import run_evaluation
+
+  networks = {}
+  if vmdls is not None:
+    encoder, vmdls_state = vmdls
+    networks["vmdls"] = (encoder, _variables(vmdls_state))
+  run_evaluation(config, args.workdir, model, _variables(state), data_dir=args.data_dir,
+                 progress=not args.no_progress, config_name=args.config, networks=networks)
   print((pathlib.Path(args.workdir) / "results.md").read_text())
   print(f"wrote results.json, results.md, plots/ and detectors/ to {args.workdir}")
 
@@ -67,6 +97,8 @@ def _evaluate(args, config, model, state) -> None:
 def _cmd_train(args):
   config, model, train_ds, test_ds = _load_experiment(args)
   _train(args, config, model, train_ds, test_ds)
+  if "vmdls" in config:
+    _train_vmdls(args, config, train_ds, test_ds)
 
 
 def _cmd_run(args):
@@ -74,9 +106,16 @@ def _cmd_run(args):
   start = time.time()
   state, _ = _train(args, config, model, train_ds, test_ds)
   trained = time.time()
-  _evaluate(args, config, model, state)
-  print(f"time per stage: training {trained - start:.0f} s (0 when resumed from a finished run),"
-        f" evaluation {time.time() - trained:.0f} s")
+  stages = [f"training the classifier {trained - start:.0f} s"]
+  vmdls = None
+  if "vmdls" in config:
+    vmdls = _train_vmdls(args, config, train_ds, test_ds)
+    stages.append(f"training the VMDLS encoder {time.time() - trained:.0f} s")
+    trained = time.time()
+  _evaluate(args, config, model, state, vmdls)
+  stages.append(f"evaluation {time.time() - trained:.0f} s (fits, incl. VMDLS's autoencoder, "
+                "and scores)")
+  print("time per stage (0 s when resumed from a finished run): " + ", ".join(stages))
 
 
 def _cmd_evaluate(args):
@@ -84,7 +123,9 @@ def _cmd_evaluate(args):
   config, model, train_ds, test_ds = _load_experiment(args)
   state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
                               restore_only=True)
-  _evaluate(args, config, model, state)
+  vmdls = _train_vmdls(args, config, train_ds, test_ds, restore_only=True) \
+      if "vmdls" in config else None
+  _evaluate(args, config, model, state, vmdls)
 
 
 def _cmd_data_list(args):

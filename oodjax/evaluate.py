@@ -70,7 +70,26 @@ def _predict(variables, x, *, model):
   return jnp.argmax(inference_apply(model)(variables, x), axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "classify_fns"))
+def _classify_rows(variables, states, x, *, model, classify_fns):
+  """{entry: [B] int} the class each entry gives x in open-set recognition (`Detector.classify`;
+  None: the argmax of the model's output, computed once for all such entries)."""
+  argmax = None
+  out = {}
+  for name, classify in classify_fns:
+    if classify is None:
+      if argmax is None:
+        argmax = jnp.argmax(inference_apply(model)(variables, x), axis=-1)
+      out[name] = argmax
+    else:
+      out[name] = classify(model, variables, states[name], x)
+  return out
+
+
 _all_metrics_jit = jax.jit(metrics.all_metrics)
+# Open-set recognition (VMDLS, Sec. 4): the threshold accepts this fraction of the ID training
+# images, as the paper's F1 numbers do.
+OPEN_SET_TPR = 0.95
 
 
 def images_map(fn: Callable[[jax.Array], Any], dataset: ImageDataset, batch_size: int) -> Any:
@@ -120,6 +139,29 @@ def score_dataset(model, variables: Any, entries: Mapping[str, Detector],
     else:
       rows[name] = out[name]
   return rows
+
+
+def classify_dataset(model, variables: Any, entries: Mapping[str, Detector],
+                     states: Mapping[str, Any], dataset: ImageDataset,
+                     batch_size: int = 500) -> dict[str, np.ndarray]:
+  """{entry: [N] int} the class each entry gives every image of `dataset` (open-set)."""
+  classify_fns = tuple((name, entry.classify) for name, entry in entries.items())
+  states = {name: states[name] for name in entries}
+  return images_map(
+      lambda x: _classify_rows(variables, states, x, model=model, classify_fns=classify_fns),
+      dataset, batch_size)
+
+
+def open_set_f1(scores_in: np.ndarray, classes_in: np.ndarray, labels_in: np.ndarray,
+                scores_out: np.ndarray, classes_out: np.ndarray, threshold: float,
+                num_classes: int) -> float:
+  """Macro-F1 over K + 1 classes of ID images (their labels) and OOD images (label K) when an
+  image scoring <= threshold is given its class and any other is "unknown"."""
+  scores = np.concatenate([scores_in, scores_out])
+  classes = np.concatenate([classes_in, classes_out])
+  labels = np.concatenate([labels_in, np.full(len(scores_out), num_classes)])
+  predictions = metrics.open_set_predictions(scores, classes, threshold, num_classes)
+  return float(metrics.open_set_f1(labels, predictions, num_classes))
 
 
 # --- Fitted states on disk -----------------------------------------------------------------
@@ -199,7 +241,8 @@ def check_plan(detectors: Sequence[str], registry: Mapping[str, Detector],
 
 
 def _fit_data(entry: Detector, id_test: ImageDataset, ood_sets: Mapping[str, ImageDataset],
-              fit_in, fit_out, id_train, seed: int, batch_size: int) -> FitData:
+              fit_in, fit_out, id_train, seed: int, batch_size: int,
+              workdir: str | None = None) -> FitData:
   """The `FitData` of one entry: the normalisation always, data only where `sees` says so."""
   data = {}
   if HELDOUT_ID in entry.sees:
@@ -210,7 +253,8 @@ def _fit_data(entry: Detector, id_test: ImageDataset, ood_sets: Mapping[str, Ima
   if ID_TRAIN in entry.sees:
     data["id_train"] = id_train
   return FitData(image_shape=id_test.image_shape, mean=tuple(id_test.mean),
-                 std=tuple(id_test.std), seed=seed, batch_size=batch_size, **data)
+                 std=tuple(id_test.std), seed=seed, batch_size=batch_size, workdir=workdir,
+                 **data)
 
 
 def evaluate_ood(model, variables: Any, id_test: ImageDataset,
@@ -219,7 +263,8 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
                  options: Mapping[str, Mapping[str, Any]] | None = None,
                  holdout: int | None = None, seed: int = 0, batch_size: int = 500,
                  id_train: ImageDataset | None = None, state_dir: str | pathlib.Path | None = None,
-                 progress: bool = False) -> tuple[dict, dict]:
+                 progress: bool = False, classifier: bool = True,
+                 open_set_train_size: int | None = None) -> tuple[dict, dict]:
   """Fits and scores `detectors` on the ID test set against each OOD set.
 
   OOD sets are normalised with the in-distribution statistics, as the model saw its training
@@ -240,6 +285,13 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
     id_train: the ID training set, for entries that see it.
     state_dir: folder for fitted states (None: nothing saved, everything fitted).
     progress: show a progress bar.
+    classifier: the model is a classifier (its argmax is a class): its accuracy is reported.
+      False for an encoder (VMDLS): "accuracy" is None.
+    open_set_train_size: when given (and `id_train` is), every row fitted without OOD data
+      also gets "open_set_f1" per OOD set: its threshold accepts `OPEN_SET_TPR` of the first
+      `open_set_train_size` ID training images (0: all), and the macro-F1 over the K known
+      classes and "unknown" of the evaluation images is reported (VMDLS, Sec. 4). Rows fitted
+      per OOD set have none (their threshold would depend on the OOD set).
 
   Returns:
     (results, scores). results is JSON-able: {"accuracy", "num_in", "ood_order", "ood_sizes",
@@ -262,6 +314,9 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   for name, entry in entries.items():
     if ID_TRAIN in entry.sees and id_train is None:
       raise ValueError(f"{name} is fitted on the in-distribution training set: pass id_train")
+  if open_set_train_size is not None and (id_train is None or id_train.labels is None
+                                          or id_test.labels is None):
+    raise ValueError("open-set F1 needs labelled id_train (for the threshold) and id_test")
   ood_sets = {name: ds.with_stats(id_test.mean, id_test.std) for name, ds in ood_sets.items()}
   n_in, ood_sizes = len(id_test), {name: len(ds) for name, ds in ood_sets.items()}
 
@@ -287,7 +342,8 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   for name, entry in entries.items():
     bar.set_description(f"fitting {name}")
     _, _, fit_in, fit_out = splits[name]
-    fit_data = _fit_data(entry, id_test, ood_sets, fit_in, fit_out, id_train, seed, batch_size)
+    fit_data = _fit_data(entry, id_test, ood_sets, fit_in, fit_out, id_train, seed, batch_size,
+                         workdir=str(pathlib.Path(state_dir) / name) if state_dir else None)
     entry_options = {**entry.defaults, **options.get(entry.options, {})} if entry.options \
         else dict(entry.defaults)
     fitted_on = {
@@ -309,7 +365,8 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
     states[name], infos[name] = jax.tree.map(jnp.asarray, loaded[0]), loaded[1]
     bar.update(1)
 
-  results = {"accuracy": accuracy(model, variables, id_test, batch_size), "num_in": n_in,
+  results = {"accuracy": accuracy(model, variables, id_test, batch_size) if classifier else None,
+             "num_in": n_in,
              "ood_order": list(ood_sets), "ood_sizes": ood_sizes,
              "protocol": {"holdout": holdout, "seed": seed},
              "rows": [], "labels": {}, "sees": {}, "detectors": {}, "fit_info": infos}
@@ -338,9 +395,20 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
 
   shared = {n: e for n, e in entries.items() if not e.per_ood_set}
   per_set = {n: e for n, e in entries.items() if e.per_ood_set}
+  open_set = open_set_train_size is not None and bool(shared)
   if shared:
     bar.set_description("scoring in-distribution")
     shared_in = score_dataset(model, variables, shared, states, id_test, batch_size)
+  if open_set:
+    bar.set_description("open-set thresholds on the training images")
+    train_part = (id_train.take(slice(0, open_set_train_size)) if open_set_train_size
+                  else id_train)
+    train_scores = score_dataset(model, variables, shared, states, train_part, batch_size)
+    thresholds = {row: float(metrics.threshold_at_tpr(v, OPEN_SET_TPR))
+                  for row, v in train_scores.items()}
+    classes_in = classify_dataset(model, variables, shared, states, id_test, batch_size)
+    results["open_set"] = {"tpr": OPEN_SET_TPR, "train_images": len(train_part),
+                           "thresholds": thresholds}
   bar.update(1)
   for ood, ds in ood_sets.items():
     if shared:
@@ -348,6 +416,15 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
       shared_out = score_dataset(model, variables, shared, states, ds, batch_size)
       for name in shared:
         add_rows(name, ood, shared_in, shared_out, infos[name])
+      if open_set:
+        classes_out = classify_dataset(model, variables, shared, states, ds, batch_size)
+        for row, threshold in thresholds.items():
+          name = row_entry[row]
+          eval_in, eval_out = splits[name][0][ood], splits[name][1][ood]
+          results["detectors"][row][ood]["open_set_f1"] = open_set_f1(
+              shared_in[row][eval_in], classes_in[name][eval_in], id_test.labels[eval_in],
+              shared_out[row][eval_out], classes_out[name][eval_out], threshold,
+              id_test.num_classes)
     bar.update(1)
     if per_set:
       bar.set_description(f"scoring {ood} (per-set fits)")
@@ -370,21 +447,44 @@ def _jsonable(value):
   return json.loads(json.dumps(value, default=lambda v: np.asarray(v).tolist()))
 
 
+def merge_results(first: dict, second: dict) -> dict:
+  """Two `evaluate_ood` results on the same ID test set and OOD sets (of different networks:
+  the classifier's rows and a VMDLS encoder's) as one; the first's accuracy is kept."""
+  if first["ood_order"] != second["ood_order"] or first["num_in"] != second["num_in"]:
+    raise ValueError("results of different ID test or OOD sets cannot be merged")
+  merged = dict(first)
+  merged["rows"] = first["rows"] + second["rows"]
+  for key in ("labels", "sees", "detectors", "fit_info"):
+    merged[key] = {**first[key], **second[key]}
+  if "open_set" in first or "open_set" in second:
+    merged["open_set"] = {**second.get("open_set", {}), **first.get("open_set", {})}
+    merged["open_set"]["thresholds"] = {**first.get("open_set", {}).get("thresholds", {}),
+                                        **second.get("open_set", {}).get("thresholds", {})}
+  if merged["accuracy"] is None:
+    merged["accuracy"] = second["accuracy"]
+  return merged
+
+
 def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *,
                    registry: Mapping[str, Detector] | None = None, data_dir: str | None = None,
                    progress: bool = True, config_name: str | None = None,
-                   plots: bool = True) -> dict:
+                   plots: bool = True, networks: Mapping[str, tuple[Any, Any]] | None = None
+                   ) -> dict:
   """Evaluates a trained model as `config.eval` says, and writes the report to `workdir`.
 
   What `oodjax evaluate`, `oodjax run` and the experiments call. Loads the ID test set
   (`config.dataset`) and every `config.eval.ood_sets` entry, fits and scores
   `config.eval.detectors` with `evaluate_ood` (fitted states kept in `workdir/detectors/`),
   and writes `results.json`, `results.md` and `plots/` (`oodjax.report.write_results`).
+  Each detector scores the network its entry names (`Detector.network`): the classifier
+  (`model`), or another trained network given in `networks` (a VMDLS encoder); the rows of all
+  of them make one report, on the same splits.
 
   Args:
-    config: an experiment config (`configs/*.py`).
+    config: an experiment config (`configs/*.py`). `config.eval.open_set_train_size` (when
+      set) adds the open-set F1 of every row fitted without OOD data (`evaluate_ood`).
     workdir: the run's folder.
-    model: the Flax Linen classifier.
+    model: the Flax Linen classifier (None when only other networks are evaluated).
     variables: its variables ({"params": ..., "batch_stats": ...}).
     registry: name -> `Detector`; default `oodjax.detectors.REGISTRY` (pass an extended copy to
       evaluate detectors of your own).
@@ -392,6 +492,8 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
     progress: show progress bars.
     config_name: recorded in the results as "config" (the CLI passes its --config).
     plots: write the PNG plots too.
+    networks: {network: (model, variables)} for detectors of other networks, e.g.
+      {"vmdls": (encoder, encoder_variables)}.
 
   Returns:
     The results dict (`evaluate_ood`), with "config", "seconds" and "sees_legend" added.
@@ -399,6 +501,18 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
   from oodjax import data, report  # pylint: disable=g-import-not-at-top
   registry = REGISTRY if registry is None else registry
   eval_config = config.eval
+  available = dict(networks or {})
+  if model is not None:
+    available["classifier"] = (model, variables)
+  groups: dict[str, list[str]] = {}
+  for name in eval_config.detectors:
+    if name not in registry:
+      raise ValueError(f"unknown detectors [{name!r}]; known: {list(registry)}")
+    network = registry[name].network
+    if network not in available:
+      raise ValueError(f"{name} scores a {network} network, and none was given "
+                       f"(available: {sorted(available)})")
+    groups.setdefault(network, []).append(name)
   test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=data_dir)
   if eval_config.get("id_size"):
     test_ds = test_ds.take(slice(0, eval_config.id_size))
@@ -408,21 +522,35 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
                    size=eval_config.get("ood_size"))
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
+  open_set_train_size = eval_config.get("open_set_train_size")
   id_train = None
-  if any(ID_TRAIN in registry[d].sees for d in eval_config.detectors if d in registry):
+  if open_set_train_size is not None or any(ID_TRAIN in registry[d].sees
+                                            for d in eval_config.detectors):
     id_train = data.load(config.dataset, "train", seed=config.seed, data_dir=data_dir)
     if config.get("train_size"):
       id_train = id_train.take(slice(0, config.train_size))
   options = {key: dict(value) for key, value in eval_config.items() if hasattr(value, "items")}
   start = time.time()
-  results, scores = evaluate_ood(
-      model, variables, test_ds, ood_sets, tuple(eval_config.detectors), registry=registry,
-      options=options, holdout=eval_config.holdout, seed=eval_config.split_seed,
-      batch_size=eval_config.batch_size, id_train=id_train,
-      state_dir=pathlib.Path(workdir) / "detectors", progress=progress)
+  results, scores = None, {}
+  # The classifier's rows first, as the registry orders them.
+  for network in sorted(groups, key=lambda n: n != "classifier"):
+    net_model, net_variables = available[network]
+    part, part_scores = evaluate_ood(
+        net_model, net_variables, test_ds, ood_sets, tuple(groups[network]), registry=registry,
+        options=options, holdout=eval_config.holdout, seed=eval_config.split_seed,
+        batch_size=eval_config.batch_size, id_train=id_train,
+        state_dir=pathlib.Path(workdir) / "detectors", progress=progress,
+        classifier=network == "classifier", open_set_train_size=open_set_train_size)
+    results = part if results is None else merge_results(results, part)
+    for ood, rows in part_scores.items():
+      scores.setdefault(ood, {}).update(rows)
   results["config"] = config_name
   results["seconds"] = round(time.time() - start, 1)
   results["sees_legend"] = dict(SEES)  # so the report can explain "sees" without the registry
+  results["networks"] = {row: registry[name].network for name in eval_config.detectors
+                         for row in results["rows"]
+                         if row == name or (registry[name].row_prefix
+                                            and row.startswith(registry[name].row_prefix))}
   report.write_results(results, workdir, title=f"{config.model} on {config.dataset}",
                        scores=scores if plots else None)
   return results

@@ -32,6 +32,10 @@ under `jit`, because shapes are static. NaN scores raise `ValueError` only when 
 concrete; under `jit`/`vmap` they cannot be inspected and the caller must validate them first
 (`check_scores`), otherwise the results are meaningless. Infinite scores are allowed.
 
+Open-set recognition (K known classes plus "unknown", label K): `open_set_predictions` turns
+scores, closed-set classes and a threshold into K + 1-way labels, and `open_set_f1` is their
+macro-F1 against the true labels, as `sklearn.metrics.f1_score(average="macro")` over all K + 1.
+
 References:
   Liang, Li, Srikant. Enhancing the reliability of out-of-distribution image detection in neural
   networks (ODIN). ICLR 2018, section 4.3.
@@ -530,3 +534,82 @@ def metrics_grid(scores_in, scores_out) -> dict[str, jax.Array]:
     if not isinstance(s, jax.core.Tracer) and bool(jnp.isnan(s).any()):
       raise ValueError(f"{name} contains NaN.")
   return _metrics_grid_jit(scores_in, scores_out)
+
+
+# Open-set recognition: K known classes plus "unknown" (label K), scored by macro-F1.
+
+
+def _check_labels(values, name: str, num_labels: int) -> jax.Array:
+  """[N] int32 class labels in [0, num_labels); the range is checked when concrete."""
+  values = jnp.asarray(values)
+  if values.ndim != 1 or values.shape[0] == 0:
+    raise ValueError(f"{name} must be a non-empty 1-D vector, got shape {values.shape}.")
+  if not jnp.issubdtype(values.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integers, got dtype {values.dtype}.")
+  if not isinstance(values, jax.core.Tracer):
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_labels:
+      raise ValueError(f"{name} must lie in [0, {num_labels}), got values in [{low}, {high}].")
+  return values.astype(jnp.int32)
+
+
+def open_set_predictions(scores, classes, threshold, num_classes: int) -> jax.Array:
+  """Open-set labels: the closed-set class where the input is accepted as ID, else "unknown".
+
+  An input is accepted when `score <= threshold`, the convention of this module; e.g. for VMDLS_b
+  the score is -l and the class c_max (Dinari & Freifeld 2022, Sec. 3.2: y = c_max if l > lambda,
+  else OOD; we accept the tie l = lambda too, so that a threshold from `threshold_at_tpr`, which
+  is an observed score, accepts at least the requested fraction). Fix the threshold on ID data
+  only (training or validation set), e.g. `threshold_at_tpr(id_scores, 0.95)` (their Remark 2).
+
+  Args:
+    scores: [N] detector scores, higher = more OOD.
+    classes: [N] int, the closed-set prediction of each input, in [0, num_classes).
+    threshold: scalar; may be traced (e.g. vmapped over a sweep).
+    num_classes: K, the number of known classes; K is the "unknown" label.
+
+  Returns:
+    [N] int32 labels in [0, K].
+  """
+  scores = check_scores(scores)
+  classes = _check_labels(classes, "classes", num_classes)
+  if classes.shape != scores.shape:
+    raise ValueError(f"scores and classes must have the same shape, got {scores.shape} and "
+                     f"{classes.shape}.")
+  return jnp.where(scores <= threshold, classes, num_classes)
+
+
+def open_set_f1(labels, predictions, num_classes: int) -> jax.Array:
+  """Macro-averaged F1 over the K known classes and "unknown" (K + 1 labels).
+
+  F1_k = 2 TP_k / (#true_k + #predicted_k), the harmonic mean of precision and recall, averaged
+  with equal weight over k = 0..K as in open-set recognition benchmarks (Dinari & Freifeld 2022,
+  Sec. 4; Sun et al. 2020). A label with no true and no predicted example has F1 = 0 and still
+  counts in the average, so this equals
+  `sklearn.metrics.f1_score(labels, predictions, labels=range(K + 1), average="macro",
+  zero_division=0)`. (The authors' released code omits `labels=` and so averages over the labels
+  present; on a test set where every label occurs the two agree.) Counts are integer bincounts,
+  with no loop over classes; jittable with `num_classes` static, and vmappable.
+
+  Args:
+    labels: [N] int true labels in [0, K], K = unknown (OOD).
+    predictions: [N] int predicted labels in [0, K], e.g. from `open_set_predictions`.
+    num_classes: K, a Python int (it fixes the shapes).
+
+  Returns:
+    [] float32 in [0, 1].
+  """
+  num_labels = int(num_classes) + 1
+  labels = _check_labels(labels, "labels", num_labels)
+  predictions = _check_labels(predictions, "predictions", num_labels)
+  if labels.shape != predictions.shape:
+    raise ValueError(f"labels and predictions must have the same shape, got {labels.shape} and "
+                     f"{predictions.shape}.")
+  num_true = jnp.bincount(labels, length=num_labels)  # [K + 1]
+  num_predicted = jnp.bincount(predictions, length=num_labels)  # [K + 1]
+  # Misses go to an extra bin that is dropped: the hits per label are the true positives.
+  hits = jnp.bincount(jnp.where(labels == predictions, labels, num_labels),
+                      length=num_labels + 1)[:num_labels]  # [K + 1]
+  support = num_true + num_predicted
+  f1 = jnp.where(support > 0, (2 * hits).astype(jnp.float32) / jnp.maximum(support, 1), 0.0)
+  return jnp.mean(f1)

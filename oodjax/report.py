@@ -41,20 +41,30 @@ def markdown_report(results: Mapping, title: str = "OOD detection", level: int =
   marked = [r for r in rows if "heldout_ood" in results.get("sees", {}).get(r, ())]
   note = (f" {OOD_MARK}: fitted on held-out images of the OOD set it is tested on (it has seen "
           "the test distribution)." if marked else "")
+  accuracy = (f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
+              f"{results['num_in']} images." if results.get("accuracy") is not None
+              else f"{results['num_in']} in-distribution test images.")
+  others = sorted({n for n in results.get("networks", {}).values() if n != "classifier"})
+  networks = (f" Rows of another network ({', '.join(others)}) score that network, trained "
+              "separately on the same data; the others score the classifier." if others else "")
+  open_set = results.get("open_set")
+  f1_note = (f" Open-set F1: macro-F1 over the known classes and \"unknown\", with the threshold "
+             f"that accepts {100 * open_set['tpr']:.0f}% of {open_set['train_images']} ID "
+             "training images (– where the fit saw OOD data)." if open_set else "")
+  columns = METRIC_COLUMNS + ((("open_set_f1", "Open-set F1 ↑"),) if open_set else ())
   lines = [f"{hashes} {title}", "",
-           f"In-distribution test accuracy: {100 * results['accuracy']:.2f}% on "
-           f"{results['num_in']} images. Metrics in %; in-distribution is the positive class; "
-           f"scores are higher for more OOD inputs.{split}{note}", ""]
+           f"{accuracy} Metrics in %; in-distribution is the positive class; "
+           f"scores are higher for more OOD inputs.{split}{note}{networks}{f1_note}", ""]
   ood_names = results.get("ood_order", list(results["ood_sizes"]))
-  header = "| detector | " + " | ".join(label for _, label in METRIC_COLUMNS) + " | T | ε |"
+  header = "| detector | " + " | ".join(label for _, label in columns) + " | T | ε |"
   for ood in ood_names:
     lines += [f"{hashes}# {ood} ({results['ood_sizes'][ood]} images)", "", header,
-              "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
+              "|---" * (len(columns) + 3) + "|"]
     for name in rows:
       row = results["detectors"][name][ood]
       # A float32 zero can come out as -1e-9: print it as 0.00, not -0.00.
-      cells = " | ".join(f"{100 * row[key]:.2f}".replace("-0.00", "0.00")
-                         for key, _ in METRIC_COLUMNS)
+      cells = " | ".join(f"{100 * row[key]:.2f}".replace("-0.00", "0.00") if key in row else "–"
+                         for key, _ in columns)
       lines.append(f"| {row_label(results, name)} | {cells} | "
                    f"{_fmt_hyper(row, 'temperature')} | {_fmt_hyper(row, 'epsilon')} |")
     lines.append("")

@@ -58,9 +58,12 @@ SEES = {ID_TRAIN: "the in-distribution training set",
         HELDOUT_OOD: "held-out images of the OOD set it is tested on",
         NOISE: "generated noise"}
 
+# The networks a detector can score (`Detector.network`).
+NETWORKS = ("classifier", "vmdls")
+
 # A fit: (model, variables, data, options) -> (state, info).
 FitFn = Callable[[Any, PyTree, "FitData", Mapping[str, Any]], tuple[PyTree, dict]]
-# A score: (model, variables, state, x [B, ...]) -> [B] or {row: [B]}.
+# A score: (model, variables, state, x [B, ...]) -> [B] or {row: [B]} (a classify: [B] int).
 ScoreFn = Callable[[Any, PyTree, PyTree, Any], Any]
 
 
@@ -78,6 +81,8 @@ class FitData:
     heldout_id: [N, H, W, C] normalised held-out in-distribution test images (`HELDOUT_ID`).
     heldout_ood: {ood_set: [M, H, W, C]} normalised held-out images of each OOD set
       (`HELDOUT_OOD`).
+    workdir: a folder of its own where a fit may keep what it trains, so a second evaluation
+      resumes or reuses it (VMDLS's autoencoder); None: nothing is kept.
   """
   image_shape: tuple[int, ...]
   mean: tuple[float, ...]
@@ -87,6 +92,7 @@ class FitData:
   id_train: ImageDataset | None = None
   heldout_id: np.ndarray | None = None
   heldout_ood: Mapping[str, np.ndarray] | None = None
+  workdir: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,11 @@ class Detector:
     halves_without_holdout: for a detector that sees held-out data, fit it on a random half of
       each set and report it on the other half when the evaluation holds nothing out (the
       sample-free paper's supervised protocol); otherwise such a detector needs a holdout.
+    classify: `classify(model, variables, state, x) -> [B] int`, the class an accepted input
+      is given in open-set recognition (VMDLS: the best Gaussian's class); None: the argmax of
+      the model's output, for detectors on a classifier.
+    network: which trained network `model` is: "classifier" (the experiment's classifier) or
+      "vmdls" (a VMDLS encoder, trained by `oodjax.vmdls.train_vmdls`).
   """
   label: str
   fit: FitFn
@@ -115,8 +126,12 @@ class Detector:
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   row_prefix: str | None = None
   halves_without_holdout: bool = False
+  classify: ScoreFn | None = None
+  network: str = "classifier"
 
   def __post_init__(self):
+    if self.network not in NETWORKS:
+      raise ValueError(f"unknown network {self.network!r}; known: {NETWORKS}")
     unknown = set(self.sees) - set(SEES)
     if unknown:
       raise ValueError(f"unknown kinds of data in sees: {sorted(unknown)}; known: {sorted(SEES)}")

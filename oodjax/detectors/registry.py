@@ -16,9 +16,16 @@ user's own, `{**REGISTRY, "mine": Detector(...)}` (see `oodjax.detectors.protoco
 | indicators                | nothing                       | sample-free, Eqs. 7-30 (19 rows)    |
 | 1c_sum                    | generated noise               | sample-free, Eq. 31                 |
 | supervised                | held-out ID + held-out OOD    | sample-free, supervised upper bound |
+| vmdls_b                   | ID training set               | VMDLS_b, Secs. 3.1-3.2              |
+| vmdls                     | ID training set               | VMDLS, Sec. 3.3 (trains its AE)     |
+
+The VMDLS entries score a VMDLS encoder (`oodjax.vmdls.train_vmdls`), not a classifier: their
+`model` is the encoder, and `oodjax run` evaluates them on it beside the classifier's rows.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 import jax
@@ -27,11 +34,13 @@ import numpy as np
 from oodjax.batching import map_padded
 from oodjax.detectors import softmax
 from oodjax.detectors.odin import preprocessing, tuning
-from oodjax.detectors.protocol import (HELDOUT_ID, HELDOUT_OOD, NOISE, Detector, FitData,
-                                       fixed_state)
+from oodjax.detectors.protocol import (HELDOUT_ID, HELDOUT_OOD, ID_TRAIN, NOISE, Detector,
+                                       FitData, fixed_state)
 from oodjax.detectors.sample_free import whitebox
 from oodjax.detectors.sample_free import onecsum, supervised
+from oodjax.models.autoencoder import ConvAutoencoder
 from oodjax.models.insides import inference_apply
+from oodjax.vmdls import scoring as vmdls_scoring
 
 
 # --- Scores: (model, variables, state, x) -> [B] -----------------------------------------------
@@ -156,6 +165,59 @@ def fit_supervised(model, variables, data, options):
   return states, {name: {} for name in states}
 
 
+# The autoencoder of the "vmdls" entry (Sec. 3.3); its output has the input's channels, so one
+# definition serves 28x28x1 and 32x32x3. Another architecture is another entry:
+# `{**REGISTRY, "vmdls_big": vmdls_detector(ConvAutoencoder(widths=(64, 128)))}`.
+VMDLS_AUTOENCODER = ConvAutoencoder()
+
+
+def fit_vmdls_b(model, variables, data, options):
+  """The class Gaussians of the feature ensembles of the ID training set (Sec. 3.1)."""
+  state = vmdls_scoring.fit_vmdls(model, variables, data.id_train, batch_size=data.batch_size,
+                                  ridge=float(options["ridge"]))
+  return state, {"feature_dim": int(state["means"].shape[-1])}
+
+
+def score_vmdls_b(model, variables, state, x):
+  return vmdls_scoring.score_vmdls_b(model, variables, state, x)[0]
+
+
+def classify_vmdls(model, variables, state, x):
+  return vmdls_scoring.best_log_likelihood(model, variables, state, x)[1]
+
+
+def vmdls_detector(autoencoder: Any = VMDLS_AUTOENCODER) -> Detector:
+  """The "vmdls" entry with `autoencoder` (a Linen module mapping x to its reconstruction).
+
+  Its fit trains the autoencoder on the ID training set (`oodjax.vmdls.train_autoencoder`,
+  resumed or reused from `FitData.workdir`/autoencoder) with `options["autoencoder"]`, then
+  fits the class Gaussians and the weighting's constants (`oodjax.vmdls.scoring.fit_vmdls`).
+  """
+  from oodjax.vmdls.train import autoencoder_config, train_autoencoder  # pylint: disable=g-import-not-at-top
+
+  def fit(model, variables, data, options):
+    ae_config = autoencoder_config(**dict(options["autoencoder"]))
+    with tempfile.TemporaryDirectory() as scratch:
+      workdir = os.path.join(data.workdir or scratch, "autoencoder")
+      ae_state, ae_summary = train_autoencoder(ae_config, workdir, model=autoencoder,
+                                               train_ds=data.id_train, progress=False)
+    state = vmdls_scoring.fit_vmdls(
+        model, variables, data.id_train, batch_size=data.batch_size,
+        ridge=float(options["ridge"]), autoencoder=autoencoder,
+        autoencoder_params=jax.device_get(ae_state.params), shift=bool(options["shift"]))
+    return state, {"feature_dim": int(state["means"].shape[-1]),
+                   "autoencoder_steps": int(ae_summary["step"])}
+
+  def score(model, variables, state, x):
+    return vmdls_scoring.score_vmdls(model, variables, state, x, autoencoder=autoencoder)[0]
+
+  return Detector("VMDLS", fit, score, sees=frozenset({ID_TRAIN}), options="vmdls_eval",
+                  defaults={"ridge": 1e-6, "shift": True,
+                            "autoencoder": {"num_epochs": 2, "batch_size": 128,
+                                            "learning_rate": 1e-3, "seed": 0}},
+                  classify=classify_vmdls, network="vmdls")
+
+
 # --- The registry ---------------------------------------------------------------------------
 
 REGISTRY: dict[str, Detector] = {
@@ -186,4 +248,8 @@ REGISTRY: dict[str, Detector] = {
     "supervised": Detector("Supervised (upper bound)", fit_supervised, score_supervised,
                            sees=frozenset({HELDOUT_ID, HELDOUT_OOD}),
                            halves_without_holdout=True),
+    "vmdls_b": Detector("VMDLS_b", fit_vmdls_b, score_vmdls_b, sees=frozenset({ID_TRAIN}),
+                        options="vmdls_eval", defaults={"ridge": 1e-6},
+                        classify=classify_vmdls, network="vmdls"),
+    "vmdls": vmdls_detector(),
 }

@@ -1,0 +1,121 @@
+"""VMDLS scoring (Eq. 8, Secs. 3.2-3.3) against references built without oodjax's insides."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from oodjax.data.core import ImageDataset, normalize
+from oodjax.models import get_model
+from oodjax.models.autoencoder import ConvAutoencoder
+from oodjax.vmdls import scoring
+from oodjax.vmdls.model import VMDLSEncoder
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  n, k = 90, 3
+  labels = np.repeat(np.arange(k), n // k).astype(np.int32)
+  images = np.clip(rng.integers(0, 150, (n, 12, 12, 1)) + 40 * labels[:, None, None, None],
+                   0, 255).astype(np.uint8)
+  train = ImageDataset(images, labels, (0.4,), (0.3,), ("a", "b", "c"), "toy")
+  model = VMDLSEncoder(backbone=get_model("resnet_tiny", num_classes=k), latent_dim=2)
+  x = normalize(images, train.mean, train.std)
+  variables = model.init(jax.random.key(0), x[:2])
+  # Non-trivial BatchNorm statistics, so inference mode differs from training mode.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.1 if "batch_stats" in jax.tree_util.keystr(p) and "mean" in
+      jax.tree_util.keystr(p) else v, variables)
+  ae = ConvAutoencoder(widths=(4,), latent_channels=2)
+  ae_params = ae.init(jax.random.key(1), x[:1])["params"]
+  return train, x, model, variables, ae, ae_params
+
+
+def _reference_ensemble(model, variables, x):
+  """t(x) from Flax's own capture_intermediates (not oodjax's interceptor): the stages'
+  outputs pooled, then g and μ from `encode`."""
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]["backbone"]
+  stages = sorted(k for k in inter if k.startswith("ResNetStage"))
+  pooled = [np.asarray(inter[s]["__call__"][0]).mean(axis=(1, 2)) for s in stages][:3]
+  mu, _, g = model.apply(variables, x, method="encode")
+  return np.concatenate(pooled + [np.asarray(g), np.asarray(mu)], axis=1), pooled[0]
+
+
+def test_feature_ensemble_is_pooled_stages_then_g_then_mu(setup):
+  _, x, model, variables, _, _ = setup
+  is_block = scoring.ensemble_blocks(model, variables, x)
+  t, t1 = scoring.feature_ensemble(model, variables, x[:10], is_block=is_block)
+  t_ref, t1_ref = _reference_ensemble(model, variables, x[:10])
+  np.testing.assert_allclose(t, t_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(t1, t1_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_vmdls_b_is_minus_the_best_scipy_log_likelihood(setup):
+  train, x, model, variables, _, _ = setup
+  state = scoring.fit_vmdls(model, variables, train, batch_size=32)
+  t_train, _ = _reference_ensemble(model, variables, x)
+  t_train = t_train.astype(np.float64)
+  for c in range(3):  # the means are the class means of t (independent of the fit's code)
+    np.testing.assert_allclose(state["means"][c], t_train[train.labels == c].mean(0),
+                               rtol=1e-4, atol=1e-5)
+  # Log-likelihoods: scipy on the covariance the fit produced, (WᵀW)⁻¹, including its ridge.
+  covs = [np.linalg.inv(np.asarray(state["whitening"][c], np.float64).T
+                        @ np.asarray(state["whitening"][c], np.float64)) for c in range(3)]
+  test = x[::7]
+  t_test, _ = _reference_ensemble(model, variables, test)
+  ll = np.stack([scipy.stats.multivariate_normal(state["means"][c], covs[c]).logpdf(t_test)
+                 for c in range(3)], axis=1)
+  scores, c_max = jax.jit(lambda x: scoring.score_vmdls_b(model, variables, state, x))(test)
+  np.testing.assert_allclose(scores, -ll.max(axis=1), rtol=2e-3, atol=2e-2)
+  np.testing.assert_array_equal(c_max, ll.argmax(axis=1))
+
+
+def test_vmdls_weights_the_shifted_negative_log_likelihood_by_the_reconstruction(setup):
+  train, x, model, variables, ae, ae_params = setup
+  state = scoring.fit_vmdls(model, variables, train, batch_size=32, autoencoder=ae,
+                            autoencoder_params=ae_params)
+  base = scoring.fit_vmdls(model, variables, train, batch_size=32)
+  score_b = lambda x: scoring.score_vmdls_b(model, variables, base, x)[0]  # noqa: E731
+
+  def w_of(x):  # ‖t¹(x) − t¹(x̂)‖², t¹ from capture_intermediates
+    x_hat = np.asarray(ae.apply({"params": ae_params}, x))
+    return np.sum((_reference_ensemble(model, variables, x)[1]
+                   - _reference_ensemble(model, variables, x_hat)[1]) ** 2, axis=1)
+
+  log_lik_train = -np.asarray(score_b(x), np.float64)
+  w_train = w_of(x)
+  np.testing.assert_allclose(state["log_lik_max"], log_lik_train.max() + 1.0, rtol=1e-4)
+  np.testing.assert_allclose(state["w_scale"], w_train.max(), rtol=1e-4)
+  test = x[::5]
+  expected = (w_of(test) / w_train.max()
+              * (log_lik_train.max() + 1.0 + np.asarray(score_b(test), np.float64)))
+  scores, _ = jax.jit(lambda x: scoring.score_vmdls(model, variables, state, x,
+                                                     autoencoder=ae))(test)
+  np.testing.assert_allclose(scores, expected, rtol=2e-3, atol=1e-4)
+  assert np.all(np.asarray(scoring.score_vmdls(model, variables, state, x,
+                                               autoencoder=ae)[0]) >= 0)
+  # shift=False is the literal l_new = w · l of Sec. 3.3, as a score −w · l.
+  literal = scoring.fit_vmdls(model, variables, train, batch_size=32, autoencoder=ae,
+                              autoencoder_params=ae_params, shift=False)
+  scores, _ = scoring.score_vmdls(model, variables, literal, test, autoencoder=ae)
+  np.testing.assert_allclose(scores, w_of(test) / w_train.max() * np.asarray(score_b(test)),
+                             rtol=2e-3, atol=1e-4)
+
+
+def test_unlabelled_training_set_is_an_error(setup):
+  train, _, model, variables, _, _ = setup
+  import dataclasses
+  with pytest.raises(ValueError, match="labels"):
+    scoring.fit_vmdls(model, variables, dataclasses.replace(train, labels=None))
+
+
+def test_small_cnn_ensemble_uses_its_conv_blocks():
+  model = VMDLSEncoder(backbone=get_model("small_cnn_tiny", num_classes=3), latent_dim=2)
+  x = jnp.ones((2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  is_block = scoring.ensemble_blocks(model, variables, x)
+  t, t1 = scoring.feature_ensemble(model, variables, x, is_block=is_block)
+  # small_cnn_tiny: conv widths (4, 8), hidden 16, d = 2 -> 4 + 8 + 16 + 2.
+  assert t.shape == (2, 30) and t1.shape == (2, 4)
