@@ -81,7 +81,7 @@ def get_config(arg=None):
                                        seed=0)),
       # Every row fitted without OOD data also gets the open-set F1 (VMDLS, Sec. 4): the
       # threshold accepts 95% of this many ID training images.
-      open_set_train_size=10_000,
+      open_set_train_size=5_000,
   ))
   # The VMDLS encoder (Dinari & Freifeld 2022): the same small CNN as backbone, a d = 16
   # latent space, trained with Eq. 7 on B_C = 10 classes x B_N = 16 images per batch. Its own

@@ -67,6 +67,13 @@ def _variables(state):
   return variables
 
 
+def _reports_vmdls(config) -> bool:
+  """Whether the report has VMDLS rows (`run`/`evaluate` train or restore the encoder only
+  then; `train` trains it whenever the config has a `vmdls` section)."""
+  from oodjax.detectors import REGISTRY
+  return any(REGISTRY[d].network == "vmdls" for d in config.eval.detectors)
+
+
 def _train_vmdls(args, config, train_ds, test_ds, restore_only: bool = False):
   """The VMDLS encoder of a config with a `vmdls` section, in WORKDIR/vmdls."""
   from oodjax import models
@@ -108,7 +115,7 @@ def _cmd_run(args):
   trained = time.time()
   stages = [f"training the classifier {trained - start:.0f} s"]
   vmdls = None
-  if "vmdls" in config:
+  if _reports_vmdls(config):
     vmdls = _train_vmdls(args, config, train_ds, test_ds)
     stages.append(f"training the VMDLS encoder {time.time() - trained:.0f} s")
     trained = time.time()
@@ -124,7 +131,7 @@ def _cmd_evaluate(args):
   state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
                               restore_only=True)
   vmdls = _train_vmdls(args, config, train_ds, test_ds, restore_only=True) \
-      if "vmdls" in config else None
+      if _reports_vmdls(config) else None
   _evaluate(args, config, model, state, vmdls)
 
 

@@ -59,10 +59,13 @@ _STATE_VERSION = 2
 # --- Compiled pieces: keyed on the (hashable) model and score functions, never on closures --
 
 
-@functools.partial(jax.jit, static_argnames=("model", "score_fns"))
-def _score_rows(variables, states, x, *, model, score_fns):
-  """{entry: [B] or {row: [B]}} of every entry in `score_fns` ((name, score), ...) on x."""
-  return {name: score(model, variables, states[name], x) for name, score in score_fns}
+@functools.partial(jax.jit, static_argnames=("model", "score_fns", "classify_fns"))
+def _score_rows(variables, states, x, *, model, score_fns, classify_fns=()):
+  """{entry: [B] or {row: [B]}} of every entry in `score_fns` ((name, score), ...) on x, and,
+  when `classify_fns` is given, {entry: [B] int} its open-set classes from the same program
+  (`_classes`), so the forward passes are shared."""
+  scores = {name: score(model, variables, states[name], x) for name, score in score_fns}
+  return scores, _classes(variables, states, x, model=model, classify_fns=classify_fns)
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -70,8 +73,7 @@ def _predict(variables, x, *, model):
   return jnp.argmax(inference_apply(model)(variables, x), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "classify_fns"))
-def _classify_rows(variables, states, x, *, model, classify_fns):
+def _classes(variables, states, x, *, model, classify_fns):
   """{entry: [B] int} the class each entry gives x in open-set recognition (`Detector.classify`;
   None: the argmax of the model's output, computed once for all such entries)."""
   argmax = None
@@ -113,7 +115,8 @@ def metric_row(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float
 
 def score_dataset(model, variables: Any, entries: Mapping[str, Detector],
                   states: Mapping[str, Any], dataset: ImageDataset,
-                  batch_size: int = 500) -> dict[str, np.ndarray]:
+                  batch_size: int = 500, *, with_classes: bool = False
+                  ) -> dict[str, np.ndarray]:
   """Scores every image of `dataset` with every entry, in one compiled program.
 
   Args:
@@ -126,30 +129,23 @@ def score_dataset(model, variables: Any, entries: Mapping[str, Detector],
 
   Returns:
     {row: [N] float32 numpy}, higher = more OOD; an entry whose score returns a dict gives one
-    row per key, named `row_prefix + key`.
+    row per key, named `row_prefix + key`. With `with_classes`, (rows, {entry: [N] int}) with
+    each entry's open-set classes (`Detector.classify`), computed in the same program.
   """
   score_fns = tuple((name, entry.score) for name, entry in entries.items())
+  classify_fns = (tuple((name, entry.classify) for name, entry in entries.items())
+                  if with_classes else ())
   states = {name: states[name] for name in entries}
-  out = images_map(lambda x: _score_rows(variables, states, x, model=model, score_fns=score_fns),
-                   dataset, batch_size)
+  out, classes = images_map(
+      lambda x: _score_rows(variables, states, x, model=model, score_fns=score_fns,
+                            classify_fns=classify_fns), dataset, batch_size)
   rows = {}
   for name, entry in entries.items():
     if isinstance(out[name], dict):
       rows.update({f"{entry.row_prefix or name + ':'}{k}": v for k, v in out[name].items()})
     else:
       rows[name] = out[name]
-  return rows
-
-
-def classify_dataset(model, variables: Any, entries: Mapping[str, Detector],
-                     states: Mapping[str, Any], dataset: ImageDataset,
-                     batch_size: int = 500) -> dict[str, np.ndarray]:
-  """{entry: [N] int} the class each entry gives every image of `dataset` (open-set)."""
-  classify_fns = tuple((name, entry.classify) for name, entry in entries.items())
-  states = {name: states[name] for name in entries}
-  return images_map(
-      lambda x: _classify_rows(variables, states, x, model=model, classify_fns=classify_fns),
-      dataset, batch_size)
+  return (rows, classes) if with_classes else rows
 
 
 def open_set_f1(scores_in: np.ndarray, classes_in: np.ndarray, labels_in: np.ndarray,
@@ -398,7 +394,10 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
   open_set = open_set_train_size is not None and bool(shared)
   if shared:
     bar.set_description("scoring in-distribution")
-    shared_in = score_dataset(model, variables, shared, states, id_test, batch_size)
+    shared_in = score_dataset(model, variables, shared, states, id_test, batch_size,
+                              with_classes=open_set)
+    if open_set:
+      shared_in, classes_in = shared_in
   if open_set:
     bar.set_description("open-set thresholds on the training images")
     train_part = (id_train.take(slice(0, open_set_train_size)) if open_set_train_size
@@ -406,18 +405,19 @@ def evaluate_ood(model, variables: Any, id_test: ImageDataset,
     train_scores = score_dataset(model, variables, shared, states, train_part, batch_size)
     thresholds = {row: float(metrics.threshold_at_tpr(v, OPEN_SET_TPR))
                   for row, v in train_scores.items()}
-    classes_in = classify_dataset(model, variables, shared, states, id_test, batch_size)
     results["open_set"] = {"tpr": OPEN_SET_TPR, "train_images": len(train_part),
                            "thresholds": thresholds}
   bar.update(1)
   for ood, ds in ood_sets.items():
     if shared:
       bar.set_description(f"scoring {ood}")
-      shared_out = score_dataset(model, variables, shared, states, ds, batch_size)
+      shared_out = score_dataset(model, variables, shared, states, ds, batch_size,
+                                 with_classes=open_set)
+      if open_set:
+        shared_out, classes_out = shared_out
       for name in shared:
         add_rows(name, ood, shared_in, shared_out, infos[name])
       if open_set:
-        classes_out = classify_dataset(model, variables, shared, states, ds, batch_size)
         for row, threshold in thresholds.items():
           name = row_entry[row]
           eval_in, eval_out = splits[name][0][ood], splits[name][1][ood]

@@ -117,3 +117,32 @@ def test_open_set_without_labelled_training_data_is_an_error():
   with pytest.raises(ValueError, match="open-set"):
     evaluate.evaluate_ood(model, variables, test, {"noise": ood}, ["msp"],
                           open_set_train_size=0)
+
+
+def test_cli_run_trains_both_networks_and_reports_their_rows_in_one_table(tmp_path):
+  """`oodjax run` on the smoke config: the classifier and the VMDLS encoder are trained, the
+  rows of both networks land in one results.json/results.md; `oodjax evaluate` restores both."""
+  import json
+  import subprocess
+  import sys
+  smoke = os.path.join(os.path.dirname(__file__), "..", "configs", "fmnist_small_cnn.py")
+  common = ["--config", smoke + ":smoke", "--workdir", str(tmp_path), "--no-progress",
+            "--set", "eval.ood_sets=('embedded/uniform_noise',)", "--set", "eval.ood_size=600",
+            "--set", "eval.id_size=1200", "--set", "eval.detectors=('msp','vmdls_b','vmdls')"]
+  run = subprocess.run([sys.executable, "-m", "oodjax.cli", "run", *common],
+                       capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "training the VMDLS encoder" in run.stdout
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["rows"] == ["msp", "vmdls_b", "vmdls"]
+  assert results["networks"] == {"msp": "classifier", "vmdls_b": "vmdls", "vmdls": "vmdls"}
+  assert results["accuracy"] > 0.5  # the classifier's
+  for row in results["rows"]:
+    assert 0.0 <= results["detectors"][row]["embedded/uniform_noise"]["open_set_f1"] <= 1.0
+  markdown = (tmp_path / "results.md").read_text()
+  assert "| VMDLS |" in markdown and "Open-set F1" in markdown
+  assert (tmp_path / "vmdls" / "checkpoints").is_dir()
+  again = subprocess.run([sys.executable, "-m", "oodjax.cli", "evaluate", *common],
+                         capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / "results.json").read_text())["detectors"] == results["detectors"]

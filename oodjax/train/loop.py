@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import tqdm
 
 from oodjax.train import checkpoint as ckpt
@@ -138,7 +139,8 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
                        resumed_from, meta.get("config_hash"), digest)
       logger.info("resuming from step %d in %s", resumed_from, workdir)
     train_rng = jax.device_put(train_rng, shd.replicated(mesh))
-    start_step = int(jax.device_get(state.step))
+    # A state stacked over variants (a vmapped ablation) holds one equal step per variant.
+    start_step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
     summary = {"step": start_step, "total_steps": total_steps,
                "steps_per_epoch": job.steps_per_epoch, "resumed_from": resumed_from,
                "already_finished": start_step >= total_steps, "eval": last_eval,

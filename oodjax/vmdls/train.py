@@ -47,7 +47,7 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -321,6 +321,86 @@ def autoencoder_config(*, num_epochs: int = 2, batch_size: int = 128,
                            learning_rate=learning_rate, weight_decay=0.0, schedule="constant",
                            log_every_steps=50, **train_overrides))
   return config
+
+
+def train_vmdls_variants(config: ml_collections.ConfigDict, workdir: str, *,
+                         backbone: nn.Module, train_ds: ImageDataset,
+                         variants: Sequence[Mapping[str, float]],
+                         progress: bool | None = None, restore_only: bool = False
+                         ) -> tuple[VMDLSEncoder, VMDLSTrainState, dict[str, Any]]:
+  """Trains V variants that differ only in loss weights and margins as ONE vmapped program.
+
+  The Table 4 ablation (L_t; L_t + L_d; L_KL + L_t; L_KL + L_t + L_d with two M_d) is one
+  state stacked along a leading axis of size V, whose `hparams` differ, and one
+  `jax.vmap`ped step: one compile, one pass over the data (every variant sees the same batches
+  and the same ε), one checkpoint. Each variant ends where training it alone with the same
+  config and seed ends (`tests/test_vmdls_train.py` checks this to 1e-5).
+
+  Args:
+    config: as for `train_vmdls`; its `vmdls` section is every variant's base.
+    workdir: checkpoints and metrics.jsonl; logged metrics are "NAME/v" per variant v, plus
+      "loss", the mean over variants.
+    backbone, train_ds: as for `train_vmdls`.
+    variants: per variant, overrides of `HPARAMS` entries, e.g.
+      [{"kl_weight": 0, "distancing_weight": 0}, {"kl_weight": 0, "distancing_margin": 32}].
+    progress, restore_only: as for `train_vmdls`.
+
+  Returns:
+    (model, state, summary) with every leaf of `state` stacked [V, ...]; variant v is
+    `jax.tree.map(lambda a: a[v], state)`.
+  """
+  mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
+  check_vmdls_config(config, train_ds, mesh)
+  if not variants:
+    raise ValueError("no variants to train")
+  vc, tc = config.vmdls, vmdls_train_config(config)
+  base = loss_hparams(vc)
+  hparams = []
+  for v in variants:
+    unknown = sorted(set(v) - set(HPARAMS))
+    if unknown:
+      raise ValueError(f"variant {dict(v)} sets {unknown}; a variant may set only {HPARAMS}")
+    overridden = ml_collections.ConfigDict(vc.to_dict())
+    overridden.update({k: float(x) for k, x in v.items()})
+    hparams.append({**base, **loss_hparams(overridden)})
+  model = VMDLSEncoder(backbone=backbone, latent_dim=int(vc.latent_dim))
+  b_c, b_n = int(vc.classes_per_batch), int(vc.per_class)
+  batch_size = b_c * b_n
+  steps_per_epoch = max(len(train_ds) // batch_size, 1)
+  tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
+  sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
+  stacked_hparams = {k: np.stack([h[k] for h in hparams]) for k in HPARAMS}  # {name: [V]}
+
+  def init_fn(rng):
+    # The same initial weights for every variant (the same seed as a run of its own).
+    state = create_vmdls_state(model, tx, rng, sample, train_ds.num_classes, base)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(hparams),) + a.shape), state)
+    return stacked.replace(hparams={k: jnp.asarray(v) for k, v in stacked_hparams.items()})
+
+  step = jax.vmap(
+      make_vmdls_train_step(
+          model, tx, steps_per_epoch=steps_per_epoch, kl_start_epoch=int(vc.kl_start_epoch),
+          margin_warmup=None if vc.margin_warmup is None else tuple(vc.margin_warmup),
+          reducer=vc.reducer, normalize=bool(vc.normalize)),
+      in_axes=(0, None, None))
+
+  def train_step(state, batch, rng):
+    state, metrics = step(state, batch, rng)  # metrics {name: [V]}
+    flat = {f"{k}/{v}": m[v] for k, m in metrics.items() for v in range(len(hparams))}
+    return state, {"loss": jnp.mean(metrics["loss"]), **flat}
+
+  def epoch_batches(epoch, start_batch, sharding):
+    return class_balanced_batches(train_ds, b_c, b_n, seed=int(config.seed), epoch=epoch,
+                                  start_batch=start_batch, steps_per_epoch=steps_per_epoch,
+                                  augment=bool(tc.augment), sharding=sharding)
+
+  job = Job(init_fn=init_fn, train_step=train_step, epoch_batches=epoch_batches,
+            steps_per_epoch=steps_per_epoch, num_epochs=int(tc.num_epochs),
+            batch_size=batch_size, schedule=schedule)
+  state, summary = run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
+                           seed=int(config.seed), progress=progress,
+                           restore_only=restore_only)
+  return model, state, summary
 
 
 def train_autoencoder(config: ml_collections.ConfigDict, workdir: str, *,
