@@ -119,6 +119,7 @@ def test_open_set_without_labelled_training_data_is_an_error():
                           open_set_train_size=0)
 
 
+@pytest.mark.slow  # ~75 s on 2 cores: trains a classifier, an encoder and an autoencoder
 def test_cli_run_trains_both_networks_and_reports_their_rows_in_one_table(tmp_path):
   """`oodjax run` on the smoke config: the classifier and the VMDLS encoder are trained, the
   rows of both networks land in one results.json/results.md; `oodjax evaluate` restores both."""
