@@ -504,10 +504,9 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
   available = dict(networks or {})
   if model is not None:
     available["classifier"] = (model, variables)
+  check_plan(eval_config.detectors, registry, eval_config.holdout)
   groups: dict[str, list[str]] = {}
   for name in eval_config.detectors:
-    if name not in registry:
-      raise ValueError(f"unknown detectors [{name!r}]; known: {list(registry)}")
     network = registry[name].network
     if network not in available:
       raise ValueError(f"{name} scores a {network} network, and none was given "

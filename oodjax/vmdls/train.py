@@ -46,6 +46,7 @@ References:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -245,6 +246,32 @@ def check_vmdls_config(config: ml_collections.ConfigDict, train_ds: ImageDataset
     raise ValueError(f"the VMDLS num_epochs must be >= 1, got {train.num_epochs}")
 
 
+def _vmdls_parts(config: ml_collections.ConfigDict, backbone: nn.Module,
+                 train_ds: ImageDataset):
+  """What `train_vmdls` and `train_vmdls_variants` share: the model, optimizer, batches and
+  the (single-run) step, built from a checked config."""
+  vc, tc = config.vmdls, vmdls_train_config(config)
+  model = VMDLSEncoder(backbone=backbone, latent_dim=int(vc.latent_dim))
+  b_c, b_n = int(vc.classes_per_batch), int(vc.per_class)
+  steps_per_epoch = max(len(train_ds) // (b_c * b_n), 1)
+  tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
+
+  def epoch_batches(epoch, start_batch, sharding):
+    return class_balanced_batches(train_ds, b_c, b_n, seed=int(config.seed), epoch=epoch,
+                                  start_batch=start_batch, steps_per_epoch=steps_per_epoch,
+                                  augment=bool(tc.augment), sharding=sharding)
+
+  step = make_vmdls_train_step(
+      model, tx, steps_per_epoch=steps_per_epoch, kl_start_epoch=int(vc.kl_start_epoch),
+      margin_warmup=None if vc.margin_warmup is None else tuple(vc.margin_warmup),
+      reducer=vc.reducer, normalize=bool(vc.normalize))
+  job = Job(init_fn=None, train_step=step, epoch_batches=epoch_batches,
+            steps_per_epoch=steps_per_epoch, num_epochs=int(tc.num_epochs),
+            batch_size=b_c * b_n, schedule=schedule)
+  sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
+  return model, tx, sample, job
+
+
 def train_vmdls(config: ml_collections.ConfigDict, workdir: str, *, backbone: nn.Module,
                 train_ds: ImageDataset, eval_ds: ImageDataset | None = None,
                 progress: bool | None = None, restore_only: bool = False
@@ -266,20 +293,8 @@ def train_vmdls(config: ml_collections.ConfigDict, workdir: str, *, backbone: nn
   """
   mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
   check_vmdls_config(config, train_ds, mesh)
-  vc, tc = config.vmdls, vmdls_train_config(config)
-  model = VMDLSEncoder(backbone=backbone, latent_dim=int(vc.latent_dim))
-  b_c, b_n = int(vc.classes_per_batch), int(vc.per_class)
-  batch_size = b_c * b_n
-  steps_per_epoch = max(len(train_ds) // batch_size, 1)
-  tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
-  sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
-  hparams = loss_hparams(vc)
-  num_classes = train_ds.num_classes
-
-  def epoch_batches(epoch, start_batch, sharding):
-    return class_balanced_batches(train_ds, b_c, b_n, seed=int(config.seed), epoch=epoch,
-                                  start_batch=start_batch, steps_per_epoch=steps_per_epoch,
-                                  augment=bool(tc.augment), sharding=sharding)
+  model, tx, sample, job = _vmdls_parts(config, backbone, train_ds)
+  hparams = loss_hparams(config.vmdls)
 
   evaluate = None
   if eval_ds is not None:
@@ -287,20 +302,15 @@ def train_vmdls(config: ml_collections.ConfigDict, workdir: str, *, backbone: nn
 
     def evaluate(state):
       correct = count = 0
-      for batch in batches(eval_ds, batch_size):
+      for batch in batches(eval_ds, job.batch_size):
         sums = jax.device_get(eval_step(state, batch))
         correct, count = correct + int(sums["correct"]), count + int(sums["count"])
       return {"eval_accuracy": correct / max(count, 1), "eval_count": count}
 
-  job = Job(
-      init_fn=lambda rng: create_vmdls_state(model, tx, rng, sample, num_classes, hparams),
-      train_step=make_vmdls_train_step(
-          model, tx, steps_per_epoch=steps_per_epoch, kl_start_epoch=int(vc.kl_start_epoch),
-          margin_warmup=None if vc.margin_warmup is None else tuple(vc.margin_warmup),
-          reducer=vc.reducer, normalize=bool(vc.normalize)),
-      epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
-      num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
-      evaluate=evaluate)
+  job = dataclasses.replace(
+      job, evaluate=evaluate,
+      init_fn=lambda rng: create_vmdls_state(model, tx, rng, sample, train_ds.num_classes,
+                                             hparams))
   state, summary = run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
                            seed=int(config.seed), progress=progress,
                            restore_only=restore_only)
@@ -353,7 +363,7 @@ def train_vmdls_variants(config: ml_collections.ConfigDict, workdir: str, *,
   check_vmdls_config(config, train_ds, mesh)
   if not variants:
     raise ValueError("no variants to train")
-  vc, tc = config.vmdls, vmdls_train_config(config)
+  vc = config.vmdls
   base = loss_hparams(vc)
   hparams = []
   for v in variants:
@@ -363,12 +373,7 @@ def train_vmdls_variants(config: ml_collections.ConfigDict, workdir: str, *,
     overridden = ml_collections.ConfigDict(vc.to_dict())
     overridden.update({k: float(x) for k, x in v.items()})
     hparams.append({**base, **loss_hparams(overridden)})
-  model = VMDLSEncoder(backbone=backbone, latent_dim=int(vc.latent_dim))
-  b_c, b_n = int(vc.classes_per_batch), int(vc.per_class)
-  batch_size = b_c * b_n
-  steps_per_epoch = max(len(train_ds) // batch_size, 1)
-  tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
-  sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
+  model, tx, sample, job = _vmdls_parts(config, backbone, train_ds)
   stacked_hparams = {k: np.stack([h[k] for h in hparams]) for k in HPARAMS}  # {name: [V]}
 
   def init_fn(rng):
@@ -377,26 +382,14 @@ def train_vmdls_variants(config: ml_collections.ConfigDict, workdir: str, *,
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(hparams),) + a.shape), state)
     return stacked.replace(hparams={k: jnp.asarray(v) for k, v in stacked_hparams.items()})
 
-  step = jax.vmap(
-      make_vmdls_train_step(
-          model, tx, steps_per_epoch=steps_per_epoch, kl_start_epoch=int(vc.kl_start_epoch),
-          margin_warmup=None if vc.margin_warmup is None else tuple(vc.margin_warmup),
-          reducer=vc.reducer, normalize=bool(vc.normalize)),
-      in_axes=(0, None, None))
+  step = jax.vmap(job.train_step, in_axes=(0, None, None))
 
   def train_step(state, batch, rng):
     state, metrics = step(state, batch, rng)  # metrics {name: [V]}
     flat = {f"{k}/{v}": m[v] for k, m in metrics.items() for v in range(len(hparams))}
     return state, {"loss": jnp.mean(metrics["loss"]), **flat}
 
-  def epoch_batches(epoch, start_batch, sharding):
-    return class_balanced_batches(train_ds, b_c, b_n, seed=int(config.seed), epoch=epoch,
-                                  start_batch=start_batch, steps_per_epoch=steps_per_epoch,
-                                  augment=bool(tc.augment), sharding=sharding)
-
-  job = Job(init_fn=init_fn, train_step=train_step, epoch_batches=epoch_batches,
-            steps_per_epoch=steps_per_epoch, num_epochs=int(tc.num_epochs),
-            batch_size=batch_size, schedule=schedule)
+  job = dataclasses.replace(job, init_fn=init_fn, train_step=train_step)
   state, summary = run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
                            seed=int(config.seed), progress=progress,
                            restore_only=restore_only)
