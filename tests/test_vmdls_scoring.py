@@ -119,3 +119,24 @@ def test_small_cnn_ensemble_uses_its_conv_blocks():
   t, t1 = scoring.feature_ensemble(model, variables, x, is_block=is_block)
   # small_cnn_tiny: conv widths (4, 8), hidden 16, d = 2 -> 4 + 8 + 16 + 2.
   assert t.shape == (2, 30) and t1.shape == (2, 4)
+
+
+def test_first_member_stops_the_forward_pass_after_the_first_block(setup):
+  """t¹ alone equals the ensemble's first member, and its program has the first stage's
+  convolutions only (the rest of the network is never traced)."""
+  _, x, model, variables, _, _ = setup
+  is_block = scoring.ensemble_blocks(model, variables, x)
+  t1 = jax.jit(lambda x: scoring.first_member(model, variables, x, is_block=is_block))(x[:10])
+  np.testing.assert_allclose(t1, _reference_ensemble(model, variables, x[:10])[1],
+                             rtol=1e-5, atol=1e-6)
+
+  def convs(fn):
+    return str(jax.make_jaxpr(fn)(x[:2])).count("conv_general_dilated")
+
+  full = convs(lambda x: scoring.feature_ensemble(model, variables, x, is_block=is_block)[0])
+  first = convs(lambda x: scoring.first_member(model, variables, x, is_block=is_block))
+  # resnet_tiny: a stem conv, then two stages of one BasicBlock (2 convs, +1 projection in the
+  # second): 1 + 2 + 3 = 6 in all, 1 + 2 = 3 up to the end of the first stage.
+  assert (full, first) == (6, 3)
+  with pytest.raises(ValueError, match="no block"):
+    scoring.first_member(model, variables, x[:2], is_block=lambda module, path: False)

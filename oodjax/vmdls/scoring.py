@@ -62,10 +62,9 @@ def _pool(a: jax.Array) -> jax.Array:
   return jnp.mean(a, axis=tuple(range(1, a.ndim - 1))) if a.ndim > 2 else a
 
 
-def feature_ensemble(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
-                     is_block: Callable = is_block_or_stage
-                     ) -> tuple[jax.Array, jax.Array]:
-  """t(x) of Eq. 8 and its first member t¹(x), from one inference-mode forward pass.
+def ensemble_members(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
+                     is_block: Callable = is_block_or_stage) -> list[jax.Array]:
+  """The members [t¹, t², t³, g, μ] of Eq. 8, each [B, F_i], from one inference-mode forward pass.
 
   Args:
     model: a `VMDLSEncoder` (or any model whose output is a Dense output: its "head" input is
@@ -75,14 +74,61 @@ def feature_ensemble(model: nn.Module, variables: Mapping[str, Any], x: jax.Arra
     is_block: which modules are blocks (`ensemble_blocks` picks it per model).
 
   Returns:
-    t: [B, F] the concatenation (t¹, t², t³, g, μ), float32.
-    t1: [B, F1] t¹ alone (the reconstruction weighting's feature, Sec. 3.3).
+    The block members (average-pooled; fewer than three if the network has fewer blocks),
+    then g and μ.
   """
   mu, insides = forward_with_insides(model, variables, x, which=("head", "blocks"),
                                      is_block=is_block)
   members = [_pool(b) for b in insides.blocks[:NUM_BLOCK_MEMBERS]]
-  members += [insides.features, mu]
+  return members + [insides.features, mu]
+
+
+def feature_ensemble(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
+                     is_block: Callable = is_block_or_stage
+                     ) -> tuple[jax.Array, jax.Array]:
+  """t(x) of Eq. 8 and its first member t¹(x), from one inference-mode forward pass.
+
+  Args: as `ensemble_members`.
+
+  Returns:
+    t: [B, F] the concatenation (t¹, t², t³, g, μ), float32.
+    t1: [B, F1] t¹ alone (the reconstruction weighting's feature, Sec. 3.3).
+  """
+  members = ensemble_members(model, variables, x, is_block=is_block)
   return jnp.concatenate(members, axis=-1), members[0]
+
+
+class _FirstBlockDone(Exception):
+  """Carries the first block's output out of a forward pass cut short (`first_member`)."""
+
+  def __init__(self, value: jax.Array):
+    super().__init__("first block reached")
+    self.value = value
+
+
+def first_member(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
+                 is_block: Callable = is_block_or_stage) -> jax.Array:
+  """t¹(x) alone, [B, F1], computing the network only up to its first block.
+
+  Equal to `ensemble_members(...)[0]`, without the rest of the forward pass: the call of the
+  first module `is_block` accepts raises as soon as it returns, so nothing after it is traced
+  and XLA never computes it. The reconstruction weighting needs t¹ of the reconstruction x̂
+  only (Sec. 3.3); a whole second forward pass would cost about as much as the scoring itself.
+  """
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if (context.method_name == "__call__" and module.path and isinstance(out, jax.Array)
+        and is_block(module, module.path)):
+      raise _FirstBlockDone(out)
+    return out
+
+  try:
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, x, train=False)
+  except _FirstBlockDone as done:
+    return _pool(done.value)
+  raise ValueError(f"{type(model).__name__} has no block for t¹ (is_block={is_block})")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "is_block"))
@@ -100,8 +146,8 @@ def reconstruction_weight(model: nn.Module, variables: Mapping[str, Any], x: jax
   """
   x_hat = autoencoder.apply({"params": autoencoder_params}, x)
   if t1 is None:
-    _, t1 = feature_ensemble(model, variables, x, is_block=is_block)
-  _, t1_hat = feature_ensemble(model, variables, x_hat, is_block=is_block)
+    t1 = first_member(model, variables, x, is_block=is_block)
+  t1_hat = first_member(model, variables, x_hat, is_block=is_block)
   return jnp.sum((t1 - t1_hat) ** 2, axis=-1)
 
 
