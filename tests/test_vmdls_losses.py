@@ -474,3 +474,20 @@ def test_vmap_over_weights_and_margins_equals_separate_calls():
     np.testing.assert_allclose(float(loss[0]), float(terms["triplet"][0]), rtol=1e-6)
     np.testing.assert_allclose(float(loss[2]), float(terms["kl"][2] + terms["triplet"][2]),
                                rtol=1e-6)
+
+
+def test_underflowed_sigma_keeps_an_off_kl_term_at_zero():
+  """σ = exp(log σ) reaches 0 in float32 when nothing bounds it (L_t alone, Table 4): the KL is
+  then large but finite, so with weight 0 the loss and its gradients are those of the metric
+  terms alone (the ablation's L_t runs once went NaN at step 7 here)."""
+  mu, sigma, eps, labels, means = make_batch(15)
+  valid = np.ones(B, bool)
+  zero = np.array(sigma)
+  zero[:3] = 0.0
+  kl = np.asarray(losses.gaussian_kl(mu, zero, means[labels], 0.1))
+  assert np.isfinite(kl).all() and (kl[:3] > 80).all()  # d/2 · (-log tiny) per row, ~ 87 d/2
+  (loss, terms), grads = jit_vmdls_grad(mu, zero, eps, labels, means, valid, hparams(kl=0.0))
+  assert np.isfinite(float(loss))
+  assert float(loss) == pytest.approx(float(terms["triplet"] + terms["distancing"]), rel=1e-6)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()

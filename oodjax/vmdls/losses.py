@@ -107,7 +107,8 @@ def gaussian_kl(mu: jax.Array, sigma: jax.Array, mean: jax.Array, s2=0.1) -> jax
 
   Args:
     mu: [B, d] the mean of q(.|g(x_i)).
-    sigma: [B, d] its standard deviations, > 0 (not log sigma).
+    sigma: [B, d] its standard deviations, >= 0 (not log sigma); 0 (an underflowed exp) is
+      read as the smallest positive normal variance ratio.
     mean: [B, d] the class mean m(y_i) of each row, already gathered from the [C, d] means.
     s2: s^2, the variance of every class Gaussian, a scalar (the paper uses 0.1).
 
@@ -117,7 +118,10 @@ def gaussian_kl(mu: jax.Array, sigma: jax.Array, mean: jax.Array, s2=0.1) -> jax
   References:
     Dinari & Freifeld 2022, Eqs. 5-6; Kingma & Welling 2014, Appendix B.
   """
-  r = jnp.square(sigma) / s2  # [B, d]
+  # r is floored at the smallest normal float: a σ that underflows to 0 (nothing else bounds it
+  # from below when the KL term is off, e.g. Table 4's L_t alone) gives a large finite KL, not
+  # inf, so that weighting the term by 0 still gives 0 and a 0 gradient rather than NaN.
+  r = jnp.maximum(jnp.square(sigma) / s2, jnp.finfo(jnp.result_type(sigma, float)).tiny)
   # r - 1 - log r is >= 0 exactly; rounding can leave about -1e-14 when r is within an ulp of
   # 1, and the clip removes only that.
   shape_term = jnp.maximum(r - 1.0 - jnp.log(r), 0.0)  # [B, d]
