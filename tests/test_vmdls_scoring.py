@@ -138,5 +138,8 @@ def test_first_member_stops_the_forward_pass_after_the_first_block(setup):
   # resnet_tiny: a stem conv, then two stages of one BasicBlock (2 convs, +1 projection in the
   # second): 1 + 2 + 3 = 6 in all, 1 + 2 = 3 up to the end of the first stage.
   assert (full, first) == (6, 3)
-  with pytest.raises(ValueError, match="no block"):
-    scoring.first_member(model, variables, x[:2], is_block=lambda module, path: False)
+  # Without blocks the ensemble starts at g, and so does its first member.
+  no_blocks = lambda module, path: False  # noqa: E731
+  np.testing.assert_allclose(
+      scoring.first_member(model, variables, x[:2], is_block=no_blocks),
+      model.apply(variables, x[:2], method="encode")[2], rtol=1e-5, atol=1e-6)

@@ -110,9 +110,9 @@ def first_member(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *
                  is_block: Callable = is_block_or_stage) -> jax.Array:
   """t¹(x) alone, [B, F1], computing the network only up to its first block.
 
-  Equal to `ensemble_members(...)[0]`, without the rest of the forward pass: the call of the
-  first module `is_block` accepts raises as soon as it returns, so nothing after it is traced
-  and XLA never computes it. The reconstruction weighting needs t¹ of the reconstruction x̂
+  Equal to `ensemble_members(...)[0]` (g when the network has no block), without the rest of
+  the forward pass: the call of the first module `is_block` accepts raises as soon as it
+  returns, so nothing after it is traced and XLA never computes it. The reconstruction weighting needs t¹ of the reconstruction x̂
   only (Sec. 3.3); a whole second forward pass would cost about as much as the scoring itself.
   """
   def interceptor(next_fun, args, kwargs, context):
@@ -128,7 +128,8 @@ def first_member(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *
       model.apply(variables, x, train=False)
   except _FirstBlockDone as done:
     return _pool(done.value)
-  raise ValueError(f"{type(model).__name__} has no block for t¹ (is_block={is_block})")
+  # No block: the ensemble's first member is g, which needs the whole forward pass.
+  return ensemble_members(model, variables, x, is_block=is_block)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "is_block"))
