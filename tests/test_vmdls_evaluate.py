@@ -62,6 +62,8 @@ def test_vmdls_rows_with_open_set_f1_as_sklearn_computes_it(vmdls_run):
     expected = _f1(s_in, np.asarray(c_in), r["test"].labels, s_out, np.asarray(c_out),
                    threshold, 3)
     assert results["detectors"][row]["noise"]["open_set_f1"] == pytest.approx(expected, abs=1e-6)
+    accepted = np.count_nonzero(np.asarray(s_in) <= threshold) / len(s_in)
+    assert results["detectors"][row]["noise"]["open_set_id_accepted"] == pytest.approx(accepted)
   # VMDLS_b's scores are −l of the Gaussians fitted above.
   np.testing.assert_allclose(
       r["scores"]["noise"]["vmdls_b"][0],
@@ -108,6 +110,8 @@ def test_classifier_rows_get_open_set_f1_from_the_argmax(tmp_path):
     assert np.mean(train_scores < threshold) < 0.95
     expected = _f1(s_in, c_in, test.labels, s_out, c_out, threshold, 3)
     assert results["detectors"][row]["noise"]["open_set_f1"] == pytest.approx(expected, abs=1e-6)
+    accepted = np.count_nonzero(np.asarray(s_in) <= threshold) / len(s_in)
+    assert results["detectors"][row]["noise"]["open_set_id_accepted"] == pytest.approx(accepted)
 
 
 def test_open_set_without_labelled_training_data_is_an_error():
