@@ -97,7 +97,45 @@ def _metrics_grid(r: dict) -> str:
       f"Largest difference between (a) and (b): {diffs}."])
 
 
-RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid}
+def _vmdls(r: dict) -> str:
+  sc, ab = r["scoring"], r["ablation"]
+  sec = sc["seconds"]
+
+  def met(ratio: float) -> str:
+    return "met" if ratio <= sc["goal"] else "**not met**"
+
+  lines = [
+      f"{r['cpu_threads']} CPU threads of {r.get('cpu', 'an unrecorded CPU')} ({r['backend']}, "
+      f"jax {r['jax']}); medians of interleaved repeats; load average (1 min) "
+      f"{sc['load_before'][0]:.2f} before, {ab['load_after'][0]:.2f} after.", "",
+      f"Scoring {sc['images']} images (small CNN backbone, d = 16, feature ensemble of "
+      f"{sc['feature_dim']} dimensions, batches of {sc['batch_size']}; {sc['repeats']} "
+      "repeats):", "",
+      "| | seconds | images/s | ratio to the floor |", "|---|---|---|---|"]
+  for key in ("forward, one pass", "forward, batches", "VMDLS_b", "VMDLS"):
+    ratio = f"{sec[key] / sec[sc['floor']]:.2f}x"
+    if key in ("VMDLS_b", "VMDLS"):
+      ratio = f"**{ratio}** (goal ≤ {sc['goal']}x, {met(sec[key] / sec[sc['floor']])})"
+    elif key == sc["floor"]:
+      ratio += " (the floor: the faster forward)"
+    lines.append(f"| {key} | {sec[key]:.3f} | {sc['images'] / sec[key]:.0f} | {ratio} |")
+  lines += [
+      "", f"The Table 4 ablation: {ab['variants']} variants x {ab['steps']} training steps of "
+      f"{ab['batch']} images ({ab['repeats']} repeats):", "",
+      "| | seconds | first call (compile included) |", "|---|---|---|",
+      f"| {ab['variants']} variants one after another (one compiled step reused) | "
+      f"{ab['seconds']['sequential']:.3f} | {ab['compile_seconds']['sequential']:.1f} s |",
+      f"| one vmapped step over the {ab['variants']} variants | {ab['seconds']['vmapped']:.3f} | "
+      f"{ab['compile_seconds']['vmapped']:.1f} s |",
+      f"| one step running the {ab['variants']} variants in turn (`lax.map`) | "
+      f"{ab['seconds']['lax.map']:.3f} | {ab['compile_seconds']['lax.map']:.1f} s |", "",
+      f"Sequential / vmapped: **{ab['speedup']:.2f}x**; sequential / `lax.map`: "
+      f"**{ab['speedup_lax_map']:.2f}x**."]
+  return "\n".join(lines)
+
+
+RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid,
+          "vmdls": _vmdls}
 
 
 def main() -> None:
