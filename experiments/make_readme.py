@@ -45,7 +45,7 @@ CHANGED_BY_ISSUE_8 = ("ind:DMS", "ind:DMS-AOS", "ind:DSS", "ind:DSS-EXT", "ind:A
 def compare_baseline() -> str:
   """The largest difference between this evaluation and the pre-registry one on equal weights."""
   old_path = HERE / "baseline" / "pre_registry_same_weights.json"
-  new_path = HERE / "baseline" / "results.json"
+  new_path = HERE / "baseline" / "after_issue8_same_weights.json"
   if not old_path.is_file() or not new_path.is_file():
     return "_Not run yet._\n"
   old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
@@ -58,7 +58,7 @@ def compare_baseline() -> str:
         worst = max(worst, abs(value - new["detectors"][_RENAMED.get(name, name)][ood][key]))
         count += 1
   return (f"Same weights, evaluated before (commit 425f21e, `baseline/pre_registry_same_weights"
-          f".json`) and after the detector registry (`baseline/results.json`): {count} numbers "
+          f".json`) and after the detector registry (`baseline/after_issue8_same_weights.json`, the main job's results until issue 9 retrained it): {count} numbers "
           f"(every row but 1C-Sum, which issue 8 redefined, every OOD set and metric, and "
           f"ODIN's chosen T and ε), largest difference {worst:.1e}; test accuracy "
           f"{old['accuracy']:.4f} and {new['accuracy']:.4f}.\n")
@@ -67,7 +67,7 @@ def compare_baseline() -> str:
 def compare_issue8() -> str:
   """Per row, the largest change issue 8 made to the main job's numbers on equal weights."""
   old_path = HERE / "baseline" / "before_issue8_same_weights.json"
-  new_path = HERE / "baseline" / "results.json"
+  new_path = HERE / "baseline" / "after_issue8_same_weights.json"
   if not old_path.is_file() or not new_path.is_file():
     return "_Not run yet._\n"
   old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
