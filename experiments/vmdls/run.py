@@ -20,8 +20,8 @@ before the test: every row is fitted on the ID training set only.
 
 Command (from the repository root; reuses the main job's workdir of `experiments/run_baseline.sh`):
 
-  .venv/bin/python -m experiments.vmdls.run                 # about 15 minutes on 2 CPU cores
-  .venv/bin/python -m experiments.vmdls.run --quick         # smoke run, about 2 minutes
+  .venv/bin/python -m experiments.vmdls.run                 # about 13 minutes on 2 CPU cores
+  .venv/bin/python -m experiments.vmdls.run --quick         # smoke run, about 3 minutes
   .venv/bin/python -m experiments.vmdls.make_readme         # regenerate README.md only
 
 `--quick` trains on slices (the smoke config) and writes under runs/vmdls_quick/, leaving the
@@ -91,7 +91,7 @@ def protocol(quick: bool) -> dict:
             "ablation_epochs": 2, "id_size": 300, "ood_size": 300, "open_set_train_size": 500,
             "figure_points": 500}
   # 5,000 of the 20,000 training images for 3 epochs (93 steps): the vmapped step of six
-  # variants runs at ~34 images/s on 2 CPU cores (benchmarks/vmdls.py), so ~8 minutes.
+  # variants runs at ~25-34 images/s on 2 CPU cores (benchmarks/vmdls.py), so ~10 minutes.
   return {"config": "fmnist_small_cnn.py", "ablation_train_size": 5_000, "ablation_epochs": 3,
           "id_size": None, "ood_size": None, "open_set_train_size": 5_000,
           "figure_points": 3_000}
