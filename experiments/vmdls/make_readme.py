@@ -248,10 +248,10 @@ def _load_text(path: pathlib.Path) -> str | None:
 
 
 def main(argv) -> int:
-  text = render(_load(BASELINE), _load(HERE / "ablation.json"), _load(HERE / "ensemble.json"),
-                _load_text(HERE / "discussion.md"))
   readme = HERE / "README.md"
   if "--check" in argv:
+    text = render(_load(BASELINE), _load(HERE / "ablation.json"), _load(HERE / "ensemble.json"),
+                  _load_text(HERE / "discussion.md"))
     if not readme.is_file() or readme.read_text() != text:
       print("experiments/vmdls/README.md is out of date: run "
             "python -m experiments.vmdls.make_readme")

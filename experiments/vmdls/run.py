@@ -203,11 +203,15 @@ def _main_networks(config, main_workdir: pathlib.Path, train_ds):
   return encoder, _variables(state), jax.device_get(ae_state.params)
 
 
+@jax.jit
+def _best(fitted: gaussians.ClassGaussians, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return gaussians.best_class(gaussians.log_likelihoods(fitted, t))
+
+
 def _subset_scores(fitted, members, subset, batch_size=2000):
   """(l [N], c_max [N]) of the class Gaussians on the concatenated members in `subset`."""
   t = np.concatenate([members[i] for i in subset], axis=-1)
-  best = jax.jit(lambda t: gaussians.best_class(gaussians.log_likelihoods(fitted, t)))
-  return map_padded(best, t, batch_size)
+  return map_padded(functools.partial(_best, fitted), t, batch_size)
 
 
 def run_ensemble(proto: dict, main_workdir: pathlib.Path, outdir: pathlib.Path) -> dict:
@@ -256,6 +260,8 @@ def run_ensemble(proto: dict, main_workdir: pathlib.Path, outdir: pathlib.Path) 
     fitted = gaussians.fit_class_gaussians(sums, ridge=float(config.eval.vmdls_eval.ridge))
     l_train, _ = _subset_scores(fitted, train_members, subset)
     l_in, c_in = _subset_scores(fitted, test_members, subset)
+    ood_best = {ood: (_subset_scores(fitted, members_out, subset), w_out)
+                for ood, (members_out, w_out) in ood_features.items()}
     if len(subset) == len(names):
       out["accuracy_c_max"] = float(np.mean(c_in == test_ds.labels))
     big_l = float(l_train.max()) + 1.0  # L of oodjax.vmdls.scoring (training set only)
@@ -272,8 +278,7 @@ def run_ensemble(proto: dict, main_workdir: pathlib.Path, outdir: pathlib.Path) 
       # how well it transfers (0.95 if the fit does not overfit the training set).
       out["subsets"][name]["id_test_accepted"][row] = float(np.mean(s_in <= threshold))
       per_set = {}
-      for ood, (members_out, w_out) in ood_features.items():
-        l_out, c_out = _subset_scores(fitted, members_out, subset)
+      for ood, ((l_out, c_out), w_out) in ood_best.items():
         s_out = score(l_out, w_out)
         per_set[ood] = {
             "auroc": float(metrics.auroc(s_in, s_out)),
