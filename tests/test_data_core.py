@@ -1,9 +1,6 @@
 """ImageDataset validation, from_arrays, and the batch iterator (order, resume, augment, mesh)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -12,6 +9,8 @@ import pytest
 
 from oodjax.data import (ImageDataset, batches, check_compatible, from_arrays, normalize,
                          validate)
+
+from tests.train_helpers import run_with_fake_devices
 
 
 def _toy(n=10, h=6, w=6, c=1, k=3, seed=0):
@@ -178,11 +177,7 @@ def test_batches_on_fake_device_mesh():
           print("ERR", e)
       print("OK")
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert res.returncode == 0, res.stderr
+  res = run_with_fake_devices(code, 4)
   assert "OK" in res.stdout
   errors = [l for l in res.stdout.splitlines() if l.startswith("ERR")]
   assert len(errors) == 2

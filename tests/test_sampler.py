@@ -6,9 +6,6 @@ compared with `class_balanced_indices` and with counts made in the test.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -20,6 +17,8 @@ from jax.sharding import PartitionSpec as P
 from oodjax.data import ImageDataset
 from oodjax.data.sampler import (check_class_balanced, class_balanced_batches,
                                  class_balanced_indices)
+
+from tests.train_helpers import run_with_fake_devices
 
 
 def _dataset(counts, num_classes=None, c=1, seed=0, name="toy") -> ImageDataset:
@@ -239,11 +238,7 @@ def test_on_fake_device_mesh():
         print("ERR", e)
       print("OK")
   """)
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
-  assert res.returncode == 0, res.stderr
+  res = run_with_fake_devices(code, 4)
   assert "OK" in res.stdout
   errors = [l for l in res.stdout.splitlines() if l.startswith("ERR")]
   assert len(errors) == 1 and "not divisible by the 4 devices" in errors[0]

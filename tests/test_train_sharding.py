@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
+
+from tests.train_helpers import run_with_fake_devices
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -74,11 +74,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_eight_fake_devices_match_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, TESTS_DIR], env=env,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = run_with_fake_devices(SCRIPT, 8, TESTS_DIR, timeout=600)
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
   out = json.loads(line[len("RESULT "):])
   assert len(out["one"]) == 5

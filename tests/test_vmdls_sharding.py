@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
+
+from tests.train_helpers import run_with_fake_devices
 
 TESTS_DIR = os.path.dirname(__file__)
 
@@ -46,11 +46,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_vmdls_training_on_eight_devices_matches_one():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, TESTS_DIR], capture_output=True,
-                        text=True, timeout=600, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_with_fake_devices(SCRIPT, 8, TESTS_DIR, timeout=600)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   (loss_one, means_one), (loss_eight, means_eight) = out["one"], out["eight"]
   assert len(loss_one) == len(loss_eight) == 12

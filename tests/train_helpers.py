@@ -5,6 +5,8 @@ Run as a script it trains with `train_classifier` (used by the SIGKILL test):
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 
@@ -30,6 +32,21 @@ class TinyNet(nn.Module):
     x = x.mean(axis=(1, 2))  # [B, 4]
     x = nn.Dropout(0.25, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
+
+
+def run_with_fake_devices(code: str, devices: int, *args: str, timeout: int = 120
+                          ) -> subprocess.CompletedProcess:
+  """Runs `python -c code *args` with `devices` fake CPU devices and returns the finished process.
+
+  Fake devices must be configured before JAX starts, hence a fresh interpreter. A non-zero exit
+  fails the calling test with the end of the child's stderr.
+  """
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
 
 
 def tiny_dataset(n: int = 48, *, seed: int = 0, num_classes: int = 3, name: str = "tiny"
