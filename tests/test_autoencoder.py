@@ -1,6 +1,7 @@
 """The plain autoencoder of VMDLS Sec. 3.3: shapes, size, loss against numpy, and that it learns."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,8 @@ import optax
 import pytest
 from jax.test_util import check_grads
 
-from oodjax.models.autoencoder import ConvAutoencoder, reconstruction_loss
+from oodjax.models.autoencoder import (ConvAutoencoder, PatchConv, PatchConvTranspose,
+                                       reconstruction_loss)
 
 
 # Shapes come from `jax.eval_shape`, which compiles nothing: on the 2-core CPU every new
@@ -16,8 +18,8 @@ from oodjax.models.autoencoder import ConvAutoencoder, reconstruction_loss
 @pytest.mark.parametrize("shape, widths", [
     ((28, 28, 1), (32, 64)),      # 28 -> 14 -> 7 -> 14 -> 28, the default network
     ((32, 32, 3), (32, 64)),      # 32 -> 16 -> 8 -> 16 -> 32
-    ((28, 28, 1), (4, 8, 8)),     # 7 -> 4 -> 8 overshoots: cropped back to 7
-    ((15, 13, 3), (4, 8)),        # odd from the start: 15 -> 8 -> 4, 13 -> 7 -> 4
+    ((28, 28, 1), (4, 8, 8)),     # 28 is padded to 32 (a multiple of 2^3), cropped back
+    ((15, 13, 3), (4, 8)),        # odd sides: padded to 16 x 16, cropped back
 ])
 def test_output_has_input_shape(shape, widths):
   model = ConvAutoencoder(widths=widths, latent_channels=4)
@@ -30,18 +32,57 @@ def test_output_has_input_shape(shape, widths):
 
 
 def test_parameter_count_worked_by_hand():
-  # widths (4, 8), 2 latent channels, 1 input channel; every layer 3x3 with a bias:
-  # conv 1->4: 36+4, conv 4->8: 288+8, code 8->2: 144+2, convT 2->8: 144+8, convT 8->4: 288+4,
-  # output 4->1: 36+1.
+  # widths (4, 8), 2 latent channels, 1 input channel, every layer with a bias:
+  # patch conv 2x2 1->4: 16+4, patch conv 2x2 4->8: 128+8, code 3x3 8->2: 144+2,
+  # 3x3 2->8: 144+8, patch convT 2x2 8->4: 128+4, patch convT 2x2 4->1: 16+1.
   variables = jax.eval_shape(ConvAutoencoder(widths=(4, 8), latent_channels=2).init,
                              jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   sizes = [p.size for p in jax.tree.leaves(variables)]
-  assert sum(sizes) == 40 + 296 + 146 + 152 + 292 + 37
+  assert sum(sizes) == 20 + 136 + 146 + 152 + 132 + 17
   assert len(sizes) == 12  # six layers, kernel + bias each
-  # The default network: 320 + 18496 + 9232 + 9280 + 18464 + 289 parameters.
+  # The default network (32, 64), 16 latent channels:
+  # 160 + 8256 + 9232 + 9280 + 8224 + 129 parameters.
   variables = jax.eval_shape(ConvAutoencoder().init, jax.random.key(0),
                              jnp.zeros((1, 28, 28, 1)))
-  assert sum(p.size for p in jax.tree.leaves(variables)) == 56081
+  assert sum(p.size for p in jax.tree.leaves(variables)) == 35281
+
+
+def test_patch_conv_is_a_2x2_stride_2_convolution():
+  """Against lax's convolution with the same kernel, and a float64 loop over the patches."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 4, 3))
+  layer = PatchConv(5)
+  params = layer.init(jax.random.key(1), x)["params"]
+  got = layer.apply({"params": params}, x)
+  want = jax.lax.conv_general_dilated(x, params["kernel"], (2, 2), "VALID",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["bias"][None, None, None]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  xs, k = np.asarray(x, np.float64), np.asarray(params["kernel"], np.float64)
+  loop = np.zeros((2, 3, 2, 5))
+  for i in range(3):
+    for j in range(2):
+      for dy in range(2):
+        for dx in range(2):
+          loop[:, i, j] += xs[:, 2 * i + dy, 2 * j + dx] @ k[dy, dx]
+  np.testing.assert_allclose(got, loop + np.asarray(params["bias"]), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_conv_transpose_is_the_adjoint_of_the_patch_conv():
+  """<PatchConv_K(u), v> = <u, PatchConvTranspose_K'(v)> with K' = K's channel axes swapped
+  (biases zero), and Flax's ConvTranspose with the kernel flipped in space gives the same."""
+  u = jax.random.normal(jax.random.key(0), (2, 6, 4, 3))
+  v = jax.random.normal(jax.random.key(1), (2, 3, 2, 5))
+  kernel = jax.random.normal(jax.random.key(2), (2, 2, 3, 5))
+  zeros = lambda n: jnp.zeros((n,))  # noqa: E731
+  forward = PatchConv(5).apply({"params": {"kernel": kernel, "bias": zeros(5)}}, u)
+  adjoint = PatchConvTranspose(3).apply(
+      {"params": {"kernel": kernel.transpose(0, 1, 3, 2), "bias": zeros(3)}}, v)
+  assert adjoint.shape == u.shape
+  np.testing.assert_allclose(jnp.vdot(forward, v), jnp.vdot(u, adjoint), rtol=1e-5)
+  params = {"kernel": kernel.transpose(0, 1, 3, 2), "bias": jnp.arange(3.0)}
+  flax_t = nn.ConvTranspose(3, (2, 2), strides=(2, 2), padding="VALID").apply(
+      {"params": {"kernel": params["kernel"][::-1, ::-1], "bias": params["bias"]}}, v)
+  np.testing.assert_allclose(PatchConvTranspose(3).apply({"params": params}, v), flax_t,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_loss_matches_float64_loop():

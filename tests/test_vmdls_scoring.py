@@ -1,4 +1,5 @@
 """VMDLS scoring (Eq. 8, Secs. 3.2-3.3) against references built without oodjax's insides."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import scipy.stats
 
 from oodjax.data.core import ImageDataset, normalize
-from oodjax.models import get_model
+from oodjax.models import ConvBlock, get_model, is_block_or_stage, is_pool, is_stage
 from oodjax.models.autoencoder import ConvAutoencoder
 from oodjax.vmdls import scoring
 from oodjax.vmdls.model import VMDLSEncoder
@@ -111,14 +112,67 @@ def test_unlabelled_training_set_is_an_error(setup):
     scoring.fit_vmdls(model, variables, dataclasses.replace(train, labels=None))
 
 
-def test_small_cnn_ensemble_uses_its_conv_blocks():
+def test_small_cnn_ensemble_uses_its_pooled_blocks():
+  """For a network that max-pools between blocks, the block members are the pooled maps (what
+  the next block reads), checked against Flax's capture_intermediates + nn.max_pool by hand."""
   model = VMDLSEncoder(backbone=get_model("small_cnn_tiny", num_classes=3), latent_dim=2)
-  x = jnp.ones((2, 28, 28, 1))
+  x = jax.random.normal(jax.random.key(3), (2, 28, 28, 1))
   variables = model.init(jax.random.key(0), x)
   is_block = scoring.ensemble_blocks(model, variables, x)
+  assert is_block is is_pool
   t, t1 = scoring.feature_ensemble(model, variables, x, is_block=is_block)
   # small_cnn_tiny: conv widths (4, 8), hidden 16, d = 2 -> 4 + 8 + 16 + 2.
   assert t.shape == (2, 30) and t1.shape == (2, 4)
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]["backbone"]
+  pooled = [np.asarray(nn.max_pool(inter[f"ConvBlock_{i}"]["__call__"][0], (2, 2),
+                                   strides=(2, 2), padding="SAME")).mean(axis=(1, 2))
+            for i in range(2)]
+  mu, _, g = model.apply(variables, x, method="encode")
+  np.testing.assert_allclose(t, np.concatenate(pooled + [g, mu], axis=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(lambda x: scoring.first_member(model, variables, x, is_block=is_block))(x),
+      pooled[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "small_cnn_tiny", "no_blocks"])
+def test_ensemble_and_first_member_equals_the_separate_passes(backbone):
+  """One pass over [x; x_first] cut after the first block = t(x), t¹(x) and t¹(x_first)."""
+  if backbone == "no_blocks":
+    model = VMDLSEncoder(backbone=get_model("small_cnn_tiny", num_classes=3), latent_dim=2)
+    is_block = lambda module, path: False  # noqa: E731
+  else:
+    model = VMDLSEncoder(backbone=get_model(backbone, num_classes=3), latent_dim=2)
+  x = jax.random.normal(jax.random.key(4), (5, 28, 28, 1))
+  x_first = jax.random.normal(jax.random.key(5), (3, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x[:1])
+  if backbone != "no_blocks":
+    is_block = scoring.ensemble_blocks(model, variables, x)
+  t, t1, t1_first = jax.jit(lambda x, y: scoring.ensemble_and_first_member(
+      model, variables, x, y, is_block=is_block))(x, x_first)
+  want_t, want_t1 = scoring.feature_ensemble(model, variables, x, is_block=is_block)
+  assert t.shape == want_t.shape and t1_first.shape == (3, t1.shape[1])
+  np.testing.assert_allclose(t, want_t, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(t1, want_t1, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      t1_first, scoring.first_member(model, variables, x_first, is_block=is_block),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_ensemble_blocks_prefers_pools_then_stages():
+  x = jnp.ones((1, 28, 28, 1))
+  resnet = VMDLSEncoder(backbone=get_model("resnet_tiny", num_classes=3), latent_dim=2)
+  assert scoring.ensemble_blocks(resnet, resnet.init(jax.random.key(0), x), x) is is_stage
+
+  class Plain(nn.Module):  # blocks, no stages, no pooling modules
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = ConvBlock(3)(x, train)
+      return nn.Dense(2)(x.mean(axis=(1, 2)))
+
+  plain = VMDLSEncoder(backbone=Plain(), latent_dim=2)
+  assert (scoring.ensemble_blocks(plain, plain.init(jax.random.key(0), x), x)
+          is is_block_or_stage)
 
 
 def test_first_member_stops_the_forward_pass_after_the_first_block(setup):

@@ -166,9 +166,8 @@ def fit_supervised(model, variables, data, options):
 
 
 # The autoencoder of the "vmdls" entry (Sec. 3.3); its output has the input's channels, so one
-# definition serves 28x28x1 and 32x32x3. Half the default widths: on 2 CPU cores the (32, 64)
-# one trains at ~200 images/s (its transposed convs' gradients dominate), which alone took a
-# third of the main job. Another architecture is another entry:
+# definition serves 28x28x1 and 32x32x3. Half the default widths, so that it costs a fraction of
+# the main job's time and of VMDLS's scoring on 2 CPU cores. Another architecture is another entry:
 # `{**REGISTRY, "vmdls_big": vmdls_detector(ConvAutoencoder(widths=(64, 128)))}`.
 VMDLS_AUTOENCODER = ConvAutoencoder(widths=(16, 32), latent_channels=8)
 

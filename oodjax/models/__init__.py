@@ -22,8 +22,8 @@ from oodjax.models.densenet import DenseLayer, DenseNet, DenseStage, Transition
 from oodjax.models.insides import (ALL_INSIDES, ChannelSums, InferenceApply, Insides,
                                    channel_sums, feature_map_gradient,
                                    forward_with_insides, inference_apply, is_block_or_stage,
-                                   is_stage, is_top_level, normalize_with_running_stats)
-from oodjax.models.layers import ConvBlock, NormReLU
+                                   is_pool, is_stage, is_top_level, normalize_with_running_stats)
+from oodjax.models.layers import ConvBlock, MaxPool, NormReLU
 from oodjax.models.resnet import (BasicBlock, BottleneckBlock, ResNet, ResNetStage,
                                   WideBasicBlock, WideResNet)
 
@@ -63,10 +63,10 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 __all__ = [
     "ALL_INSIDES", "MODELS", "AlexNet", "BasicBlock", "BottleneckBlock", "ChannelSums",
     "ConvBlock",
-    "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "NormReLU", "ResNet",
+    "DenseLayer", "DenseNet", "DenseStage", "InferenceApply", "Insides", "MaxPool", "NormReLU", "ResNet",
     "ResNetStage",
     "SmallCNN", "Transition", "VGG", "VGGStage", "WideBasicBlock", "WideResNet",
     "channel_sums", "feature_map_gradient", "forward_with_insides", "get_model", "inference_apply",
     "is_block_or_stage",
-    "is_stage", "is_top_level", "normalize_with_running_stats",
+    "is_pool", "is_stage", "is_top_level", "normalize_with_running_stats",
 ]

@@ -8,13 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from oodjax.models.layers import ConvBlock
-
-
-def _max_pool(x: jax.Array, window: int = 2, stride: int = 2) -> jax.Array:
-  # SAME padding so odd sizes round up (28 -> 14 -> 7 -> 4 -> 2 -> 1): the same network then
-  # runs on 28x28 and 32x32 inputs.
-  return nn.max_pool(x, (window, window), strides=(stride, stride), padding="SAME")
+from oodjax.models.layers import ConvBlock, MaxPool
 
 
 class SmallCNN(nn.Module):
@@ -37,7 +31,7 @@ class SmallCNN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
     for width in self.widths:
-      x = _max_pool(ConvBlock(width)(x, train))
+      x = MaxPool()(ConvBlock(width)(x, train))
     x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
     x = nn.relu(nn.Dense(self.hidden)(x))  # [B, D]
     return nn.Dense(self.num_classes)(x)
@@ -75,7 +69,7 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
     for widths in self.stages:
-      x = _max_pool(VGGStage(widths)(x, train))
+      x = MaxPool()(VGGStage(widths)(x, train))
     x = x.reshape(x.shape[0], -1)  # [B, D]
     return nn.Dense(self.num_classes)(x)
 
@@ -106,7 +100,7 @@ class AlexNet(nn.Module):
     for i, (width, k) in enumerate(zip(self.widths, kernel_sizes)):
       x = ConvBlock(width, kernel_size=k, use_norm=False)(x, train)
       if i in (0, 1, 4):
-        x = _max_pool(x, window=3, stride=2)
+        x = MaxPool(window=3, stride=2)(x)
     x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 256] at 32x32
     for _ in range(2):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

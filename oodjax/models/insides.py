@@ -19,7 +19,8 @@ What is collected, and how each item is defined for an arbitrary model:
   the order the calls return (so a stage comes after the blocks inside it). The default,
   `is_block_or_stage`, matches class names ending in "Block" or "Stage", the convention of
   `oodjax.models`; `is_stage` keeps only stages (the "blocks" VMDLS pools for ResNets),
-  `is_top_level` takes the direct children of the model, and any predicate of the same
+  `is_top_level` takes the direct children of the model, `is_pool` the pooling modules (the
+  maps a network passes from one resolution to the next), and any predicate of the same
   signature works.
 * "bn": for every `nn.BatchNorm` call, in call order, its input z normalised with the layer's
   running statistics, y = (z - mean) / sqrt(var + epsilon), whatever mode the layer runs in.
@@ -32,9 +33,9 @@ What is collected, and how each item is defined for an arbitrary model:
   the layer, so on CPU the statistics cost little more than the plain forward (see
   `channel_sums`), which is what the sample-free BatchNorm indicators need.
 * "feature_map": the last rank-4 array [B, h, w, c] returned by any module call other than
-  the model itself. With the zoo's convention (pooling belongs to the parent, a final
-  pre-activation BN-ReLU is its own module) that is the input of the global pooling or of the
-  last pooling before the classifier: the map Grad-CAM weights. For a user model it is the
+  the model itself and pooling modules (`is_pool`). With the zoo's convention (pooling belongs
+  to the parent, a final pre-activation BN-ReLU is its own module) that is the input of the
+  global pooling or of the last pooling before the classifier: the map Grad-CAM weights. For a user model it is the
   output of its last conv-like submodule. A model without one gives None (an error when
   "feature_map" is asked for explicitly).
 
@@ -76,6 +77,12 @@ def is_stage(module: nn.Module, path: Path) -> bool:
   """Block predicate keeping only modules whose class name ends in "Stage"."""
   del path
   return type(module).__name__.endswith("Stage")
+
+
+def is_pool(module: nn.Module, path: Path) -> bool:
+  """Block predicate keeping pooling modules (class name ending in "Pool", e.g. `MaxPool`)."""
+  del path
+  return type(module).__name__.endswith("Pool")
 
 
 def is_top_level(module: nn.Module, path: Path) -> bool:
@@ -316,7 +323,7 @@ def forward_with_insides(
     if path and isinstance(out, jax.Array):
       if "blocks" in which and is_block(module, path):
         save(module, "_block", out)
-      if "feature_map" in which and out.ndim == 4:
+      if "feature_map" in which and out.ndim == 4 and not is_pool(module, path):
         save(module, "_map", out)
     return out
 

@@ -4,7 +4,9 @@ Naming convention, relied on by `oodjax.models.insides`: a module whose class na
 "Block" is one repeated unit of a network (a residual block, a conv-BN-ReLU unit) and one whose
 name ends in "Stage" is a group of blocks working at one resolution. Pooling between stages
 belongs to the parent, so a block's or stage's output is never a pooled map: the last one before
-the head is the feature map Grad-CAM wants.
+the head is the feature map Grad-CAM wants. Where a network max-pools between blocks it calls a
+`MaxPool` module (class name ending in "Pool"), so the pooled map, what the next block reads, is
+a module output too (VMDLS's feature ensemble reads it there).
 """
 from __future__ import annotations
 
@@ -44,6 +46,27 @@ class ConvBlock(nn.Module):
     if self.use_norm:
       x = BatchNorm()(x, use_running_average=not train)
     return nn.relu(x)
+
+
+class MaxPool(nn.Module):
+  """Max-pooling with SAME padding, as a module without parameters.
+
+  Odd sizes round up (28 -> 14 -> 7 -> 4 -> 2 -> 1), so the same network runs on 28x28 and
+  32x32 inputs. Being a module (rather than a function call in the parent) makes the pooled map
+  visible to `forward_with_insides`; it adds nothing to the parameter tree.
+
+  Attributes:
+    window: square window side.
+    stride: step in both spatial directions.
+  """
+  window: int = 2
+  stride: int = 2
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), C]."""
+    return nn.max_pool(x, (self.window, self.window), strides=(self.stride, self.stride),
+                       padding="SAME")
 
 
 class NormReLU(nn.Module):

@@ -20,11 +20,18 @@ Scores follow the library's convention, higher = more out-of-distribution:
 
 The feature ensemble (Eq. 8) is t(x) = (t¹, t², t³, g(x), μ(g(x))): the first three blocks'
 outputs, average-pooled over space, the backbone's penultimate vector g and the embedding μ,
-all from ONE forward pass (`oodjax.models.forward_with_insides` with "head" and "blocks"). For
-ResNets and DenseNets the blocks are the stages (`is_stage`), as in the paper's Fig. 2; for a
-network with no stages (the small CNN, VGG's stages excepted) they are its conv blocks
-(`is_block_or_stage`); a network with fewer than three gives fewer members. One anisotropic
-Gaussian per class is fitted to the whole concatenated vector, as the paper (and its code) do.
+all from ONE forward pass (`oodjax.models.forward_with_insides` with "head" and "blocks"). The
+blocks are the maps a network passes from one resolution to the next: for ResNets and DenseNets
+the stages' outputs (`is_stage`), as in the paper's Fig. 2; for a network that max-pools between
+blocks (the small CNN, VGG, AlexNet) the pooled maps (`is_pool`), i.e. each block's output as the
+next block reads it; otherwise the blocks themselves (`is_block_or_stage`). A network with fewer
+than three gives fewer members. One anisotropic Gaussian per class is fitted to the whole
+concatenated vector, as the paper (and its code) do.
+
+Why the pooled map and not the block's own output where a pool follows: the paper defines the
+members for ResNets only, and on XLA:CPU reading a map before its max-pool breaks the fused
+conv-BN-ReLU-pool kernel: the small CNN's ensemble forward pass then cost 2.3x its plain forward
+pass, against 1.0x for the pooled maps (benchmarks/README.md, "VMDLS").
 
 References:
   Dinari & Freifeld 2022, VMDLS, Eq. 8, Secs. 3.1 (end), 3.2, 3.3.
@@ -41,7 +48,8 @@ import numpy as np
 
 from oodjax.batching import map_padded
 from oodjax.data.core import ImageDataset, normalize
-from oodjax.models.insides import (forward_with_insides, is_block_or_stage, is_stage)
+from oodjax.models.insides import (forward_with_insides, is_block_or_stage, is_pool,
+                                   is_stage)
 from oodjax.vmdls import gaussians
 
 # t¹, t², t³ (Eq. 8).
@@ -50,11 +58,16 @@ NUM_BLOCK_MEMBERS = 3
 
 def ensemble_blocks(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
                     ) -> Callable:
-  """The block predicate of Eq. 8 for `model`: its stages if it has any, else its blocks."""
-  _, insides = jax.eval_shape(
-      lambda v, x: forward_with_insides(model, v, x, which=("blocks",), is_block=is_stage),
-      variables, x[:1])
-  return is_stage if insides.blocks else is_block_or_stage
+  """The block predicate of Eq. 8 for `model`: its pooling modules if it has any, else its
+  stages if it has any, else its blocks (see the module docstring)."""
+  for predicate in (is_pool, is_stage):
+    _, insides = jax.eval_shape(
+        lambda v, x, p=predicate: forward_with_insides(model, v, x, which=("blocks",),
+                                                       is_block=p),
+        variables, x[:1])
+    if insides.blocks:
+      return predicate
+  return is_block_or_stage
 
 
 def _pool(a: jax.Array) -> jax.Array:
@@ -132,6 +145,45 @@ def first_member(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *
   return ensemble_members(model, variables, x, is_block=is_block)[0]
 
 
+def ensemble_and_first_member(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
+                              x_first: jax.Array, *, is_block: Callable = is_block_or_stage
+                              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """t(x), t¹(x) and t¹(x_first) from ONE forward pass (VMDLS needs t¹ of the reconstruction).
+
+  The batch [x; x_first] runs up to the end of the first block; from there on only x's half
+  goes on. Equal to `feature_ensemble(x)` with `first_member(x_first)`, but the first block is
+  one computation over both halves: two copies of it in one program made XLA:CPU materialise
+  the BatchNorm's broadcast operands shared by both and cost 2x the ensemble forward pass
+  (benchmarks/README.md, "VMDLS").
+
+  Args: as `ensemble_members`, plus x_first: [B', H, W, C] normalised images.
+
+  Returns:
+    t [B, F], t¹(x) [B, F1], t¹(x_first) [B', F1].
+  """
+  batch = x.shape[0]
+  cut = []
+
+  def keep_x_after_first_block(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if (not cut and context.method_name == "__call__" and module.path
+        and isinstance(out, jax.Array) and is_block(module, module.path)):
+      cut.append(module.path)
+      return out[:batch]
+    return out
+
+  with nn.intercept_methods(keep_x_after_first_block):
+    members = ensemble_members(model, variables, jnp.concatenate([x, x_first]),
+                               is_block=is_block)
+  if not cut:  # no block: t¹ is g, which needs x_first's whole forward pass
+    members = ensemble_members(model, variables, x, is_block=is_block)
+    t1_first = first_member(model, variables, x_first, is_block=is_block)
+  else:  # the first member holds both halves (it was read before the cut)
+    members[0], t1_first = members[0][:batch], members[0][batch:]
+  return jnp.concatenate(members, axis=-1), members[0], t1_first
+
+
 @functools.partial(jax.jit, static_argnames=("model", "is_block"))
 def _ensemble_jit(variables, x, *, model, is_block):
   return feature_ensemble(model, variables, x, is_block=is_block)
@@ -146,9 +198,11 @@ def reconstruction_weight(model: nn.Module, variables: Mapping[str, Any], x: jax
   `t1` is t¹(x) when the caller already has it (from the same forward pass as t(x)).
   """
   x_hat = autoencoder.apply({"params": autoencoder_params}, x)
-  if t1 is None:
-    t1 = first_member(model, variables, x, is_block=is_block)
-  t1_hat = first_member(model, variables, x_hat, is_block=is_block)
+  if t1 is None:  # one pass over [x; x̂] (see `ensemble_and_first_member` for why)
+    both = first_member(model, variables, jnp.concatenate([x, x_hat]), is_block=is_block)
+    t1, t1_hat = both[:x.shape[0]], both[x.shape[0]:]
+  else:
+    t1_hat = first_member(model, variables, x_hat, is_block=is_block)
   return jnp.sum((t1 - t1_hat) ** 2, axis=-1)
 
 
@@ -202,10 +256,9 @@ def fit_vmdls(model: nn.Module, variables: Mapping[str, Any], train_ds: ImageDat
     return state
 
   def pieces(x):
-    t, t1 = feature_ensemble(model, variables, x, is_block=is_block)
-    w = reconstruction_weight(model, variables, x, autoencoder, autoencoder_params,
-                              is_block=is_block, t1=t1)
-    return _best_of(state, t)[0], w
+    log_lik, _, w = _log_lik_and_weight(model, variables, state, x, autoencoder,
+                                        autoencoder_params, is_block)
+    return log_lik, w
 
   log_lik, w = map_padded(
       jax.jit(pieces),
@@ -231,12 +284,19 @@ def score_vmdls_b(model, variables, state, x) -> tuple[jax.Array, jax.Array]:
   return -log_lik, c_max
 
 
+def _log_lik_and_weight(model, variables, state, x, autoencoder, autoencoder_params, is_block
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(l [B], c_max [B], w [B]) of Secs. 3.2-3.3, from one forward pass of x and x̂ together."""
+  x_hat = autoencoder.apply({"params": autoencoder_params}, x)
+  t, t1, t1_hat = ensemble_and_first_member(model, variables, x, x_hat, is_block=is_block)
+  log_lik, c_max = _best_of(state, t)
+  return log_lik, c_max, jnp.sum((t1 - t1_hat) ** 2, axis=-1)
+
+
 def score_vmdls(model, variables, state, x, *, autoencoder: nn.Module
                 ) -> tuple[jax.Array, jax.Array]:
   """VMDLS: (w / w_scale · (L − l) [B], c_max [B]); higher = more OOD (Sec. 3.3)."""
   is_block = ensemble_blocks(model, variables, x)
-  t, t1 = feature_ensemble(model, variables, x, is_block=is_block)
-  log_lik, c_max = _best_of(state, t)
-  w = reconstruction_weight(model, variables, x, autoencoder, state["autoencoder"],
-                            is_block=is_block, t1=t1)
+  log_lik, c_max, w = _log_lik_and_weight(model, variables, state, x, autoencoder,
+                                          state["autoencoder"], is_block)
   return w / state["w_scale"] * (state["log_lik_max"] - log_lik), c_max
