@@ -13,8 +13,8 @@ running every contender once in a rotating order; medians compared:
 * `forward, batches`: the same in batches of `--batch-size`, as evaluation feeds the network.
 * `VMDLS_b`: `score_vmdls_b` jitted per batch: one forward with the ensemble's insides, and
   the log-likelihoods of every class Gaussian.
-* `VMDLS`: `score_vmdls`: VMDLS_b plus the autoencoder and t¹ of the reconstruction (a
-  second forward pass of the backbone on x̂).
+* `VMDLS`: `score_vmdls`: VMDLS_b plus the autoencoder and t¹ of the reconstruction (the
+  backbone's first block on x̂, in the same forward pass: `ensemble_and_first_member`).
 
 Ablation (the Table 4 variants as one program, `train_vmdls_variants`): one training step of
 V variants as the vmapped step against V calls of the single-variant step (one compiled program
