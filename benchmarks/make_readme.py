@@ -134,8 +134,37 @@ def _vmdls(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _envise_xnor(r: dict) -> str:
+  g, st = r["gemm"], r["student"]
+  mem = st["memory"]
+  lines = [
+      f"{r['cpu_threads']} CPU threads of {r.get('cpu', 'an unrecorded CPU')} ({r['backend']}, "
+      f"jax {r['jax']}); medians of interleaved repeats; load average (1 min) "
+      f"{g['load_before'][0]:.2f} before, {st['load_after'][0]:.2f} after.", "",
+      f"±1 GEMM {g['m']}x{g['k']}x{g['n']} ({g['repeats']} repeats):", "",
+      "| | ms | speed-up over the float32 matmul |", "|---|---|---|"]
+  for key, sec in g["seconds"].items():
+    lines.append(f"| {key} | {1e3 * sec:.1f} | {g['speedup'][key]:.2f}x |")
+  shape = "x".join(str(v) for v in st["input"])
+  lines += [
+      "", f"`{st['student']}` ({st['num_classes']} classes, {shape}, batch {st['batch_size']}, "
+      f"{st['binary_layers']} binary layers; {st['repeats']} repeats):", "",
+      "| | ms per image |", "|---|---|"]
+  for key, ms in st["ms_per_image"].items():
+    lines.append(f"| {key} | {ms:.2f} |")
+  met = "met" if st["speedup_binary_layers"] >= st["goal"] else "**not met**"
+  lines += [
+      "", f"Binary layers, float / packed: **{st['speedup_binary_layers']:.2f}x** (goal ≥ "
+      f"{st['goal']}x, {met}); whole student: {st['speedup_student']:.2f}x; largest relative "
+      f"difference of the packed layers' outputs: {st['max_relative_difference']:.1e}.",
+      f"Memory: {mem['float_bits']['total'] / 8e6:.2f} MB float, "
+      f"{mem['packed_bits']['total'] / 8e6:.2f} MB exported ({mem['ratio']['total']:.1f}x "
+      f"smaller; the binary layers alone {mem['ratio']['binary']:.1f}x)."]
+  return "\n".join(lines)
+
+
 RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid,
-          "vmdls": _vmdls}
+          "vmdls": _vmdls, "envise_xnor": _envise_xnor}
 
 
 def main() -> None:
