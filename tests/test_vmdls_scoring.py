@@ -159,6 +159,26 @@ def test_ensemble_and_first_member_equals_the_separate_passes(backbone):
       rtol=1e-5, atol=1e-5)
 
 
+def test_members_blocks_reads_the_maps_before_the_pool():
+  """members="blocks" (the earlier definition) takes the small CNN's ConvBlock outputs."""
+  model = VMDLSEncoder(backbone=get_model("small_cnn_tiny", num_classes=3), latent_dim=2)
+  x = jax.random.normal(jax.random.key(3), (2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x)
+  is_block = scoring.ensemble_blocks(model, variables, x, members="blocks")
+  assert is_block is is_block_or_stage
+  t, _ = scoring.feature_ensemble(model, variables, x, is_block=is_block)
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+  inter = state["intermediates"]["backbone"]
+  blocks = [np.asarray(inter[f"ConvBlock_{i}"]["__call__"][0]).mean(axis=(1, 2))
+            for i in range(2)]
+  np.testing.assert_allclose(t[:, :12], np.concatenate(blocks, axis=1), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="members"):
+    scoring.ensemble_blocks(model, variables, x, members="stages")
+  from oodjax.detectors import registry
+  with pytest.raises(ValueError, match="members"):
+    registry.vmdls_b_detector("pre-pool")
+
+
 def test_ensemble_blocks_prefers_pools_then_stages():
   x = jnp.ones((1, 28, 28, 1))
   resnet = VMDLSEncoder(backbone=get_model("resnet_tiny", num_classes=3), latent_dim=2)

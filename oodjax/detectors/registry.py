@@ -172,29 +172,43 @@ def fit_supervised(model, variables, data, options):
 VMDLS_AUTOENCODER = ConvAutoencoder(widths=(16, 32), latent_channels=8)
 
 
-def fit_vmdls_b(model, variables, data, options):
-  """The class Gaussians of the feature ensembles of the ID training set (Sec. 3.1)."""
-  state = vmdls_scoring.fit_vmdls(model, variables, data.id_train, batch_size=data.batch_size,
-                                  ridge=float(options["ridge"]))
-  return state, {"feature_dim": int(state["means"].shape[-1])}
+def vmdls_b_detector(members: str = "pooled") -> Detector:
+  """The "vmdls_b" entry: class Gaussians of the ID training set's feature ensembles (Sec. 3.1).
+
+  `members` picks the ensemble's block members (`oodjax.vmdls.scoring.ensemble_blocks`):
+  "pooled" (the default) or "blocks" (a max-pooling network's block outputs before the pool),
+  e.g. `{**REGISTRY, "vmdls_b_blocks": vmdls_b_detector("blocks")}`.
+  """
+  if members not in vmdls_scoring.MEMBERS:
+    raise ValueError(f"members must be one of {vmdls_scoring.MEMBERS}, got {members!r}")
+
+  def fit(model, variables, data, options):
+    state = vmdls_scoring.fit_vmdls(model, variables, data.id_train,
+                                    batch_size=data.batch_size, ridge=float(options["ridge"]),
+                                    members=members)
+    return state, {"feature_dim": int(state["means"].shape[-1])}
+
+  def score(model, variables, state, x):
+    return vmdls_scoring.score_vmdls_b(model, variables, state, x, members=members)[0]
+
+  def classify(model, variables, state, x):
+    return vmdls_scoring.best_log_likelihood(model, variables, state, x, members=members)[1]
+
+  return Detector("VMDLS_b", fit, score, sees=frozenset({ID_TRAIN}), options="vmdls_eval",
+                  defaults={"ridge": 1e-6}, classify=classify, network="vmdls")
 
 
-def score_vmdls_b(model, variables, state, x):
-  return vmdls_scoring.score_vmdls_b(model, variables, state, x)[0]
-
-
-def classify_vmdls(model, variables, state, x):
-  return vmdls_scoring.best_log_likelihood(model, variables, state, x)[1]
-
-
-def vmdls_detector(autoencoder: Any = VMDLS_AUTOENCODER) -> Detector:
+def vmdls_detector(autoencoder: Any = VMDLS_AUTOENCODER, members: str = "pooled") -> Detector:
   """The "vmdls" entry with `autoencoder` (a Linen module mapping x to its reconstruction).
 
   Its fit trains the autoencoder on the ID training set (`oodjax.vmdls.train_autoencoder`,
   resumed or reused from `FitData.workdir`/autoencoder) with `options["autoencoder"]`, then
   fits the class Gaussians and the weighting's constants (`oodjax.vmdls.scoring.fit_vmdls`).
+  `members` as for `vmdls_b_detector`.
   """
   from oodjax.vmdls.train import autoencoder_config, train_autoencoder  # pylint: disable=g-import-not-at-top
+  if members not in vmdls_scoring.MEMBERS:
+    raise ValueError(f"members must be one of {vmdls_scoring.MEMBERS}, got {members!r}")
 
   def fit(model, variables, data, options):
     ae_config = autoencoder_config(**dict(options["autoencoder"]))
@@ -205,18 +219,23 @@ def vmdls_detector(autoencoder: Any = VMDLS_AUTOENCODER) -> Detector:
     state = vmdls_scoring.fit_vmdls(
         model, variables, data.id_train, batch_size=data.batch_size,
         ridge=float(options["ridge"]), autoencoder=autoencoder,
-        autoencoder_params=jax.device_get(ae_state.params), shift=bool(options["shift"]))
+        autoencoder_params=jax.device_get(ae_state.params), shift=bool(options["shift"]),
+        members=members)
     return state, {"feature_dim": int(state["means"].shape[-1]),
                    "autoencoder_steps": int(ae_summary["step"])}
 
   def score(model, variables, state, x):
-    return vmdls_scoring.score_vmdls(model, variables, state, x, autoencoder=autoencoder)[0]
+    return vmdls_scoring.score_vmdls(model, variables, state, x, autoencoder=autoencoder,
+                                     members=members)[0]
+
+  def classify(model, variables, state, x):
+    return vmdls_scoring.best_log_likelihood(model, variables, state, x, members=members)[1]
 
   return Detector("VMDLS", fit, score, sees=frozenset({ID_TRAIN}), options="vmdls_eval",
                   defaults={"ridge": 1e-6, "shift": True,
                             "autoencoder": {"num_epochs": 2, "batch_size": 128,
                                             "learning_rate": 1e-3, "seed": 0}},
-                  classify=classify_vmdls, network="vmdls")
+                  classify=classify, network="vmdls")
 
 
 # --- The registry ---------------------------------------------------------------------------
@@ -249,8 +268,6 @@ REGISTRY: dict[str, Detector] = {
     "supervised": Detector("Supervised (upper bound)", fit_supervised, score_supervised,
                            sees=frozenset({HELDOUT_ID, HELDOUT_OOD}),
                            halves_without_holdout=True),
-    "vmdls_b": Detector("VMDLS_b", fit_vmdls_b, score_vmdls_b, sees=frozenset({ID_TRAIN}),
-                        options="vmdls_eval", defaults={"ridge": 1e-6},
-                        classify=classify_vmdls, network="vmdls"),
+    "vmdls_b": vmdls_b_detector(),
     "vmdls": vmdls_detector(),
 }

@@ -56,11 +56,23 @@ from oodjax.vmdls import gaussians
 NUM_BLOCK_MEMBERS = 3
 
 
-def ensemble_blocks(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
-                    ) -> Callable:
-  """The block predicate of Eq. 8 for `model`: its pooling modules if it has any, else its
-  stages if it has any, else its blocks (see the module docstring)."""
-  for predicate in (is_pool, is_stage):
+# Which module outputs are Eq. 8's block members (`ensemble_blocks`).
+MEMBERS = ("pooled", "blocks")
+
+
+def ensemble_blocks(model: nn.Module, variables: Mapping[str, Any], x: jax.Array,
+                    members: str = "pooled") -> Callable:
+  """The block predicate of Eq. 8 for `model`.
+
+  members="pooled" (the default): its pooling modules if it has any, else its stages if it has
+  any, else its blocks (see the module docstring). members="blocks": its stages if it has any,
+  else its blocks, so a max-pooling network's members are its blocks' outputs before the pool
+  (our definition until the scoring-cost work of issue 9; slower on XLA:CPU, and on the main
+  job's small CNN better on textures).
+  """
+  if members not in MEMBERS:
+    raise ValueError(f"members must be one of {MEMBERS}, got {members!r}")
+  for predicate in (is_pool, is_stage) if members == "pooled" else (is_stage,):
     _, insides = jax.eval_shape(
         lambda v, x, p=predicate: forward_with_insides(model, v, x, which=("blocks",),
                                                        is_block=p),
@@ -214,7 +226,8 @@ def _best_of(state: Mapping[str, Any], t: jax.Array) -> tuple[jax.Array, jax.Arr
 
 def fit_vmdls(model: nn.Module, variables: Mapping[str, Any], train_ds: ImageDataset, *,
               batch_size: int = 500, ridge: float = 1e-6, autoencoder: nn.Module | None = None,
-              autoencoder_params: Any = None, shift: bool = True) -> dict[str, Any]:
+              autoencoder_params: Any = None, shift: bool = True,
+              members: str = "pooled") -> dict[str, Any]:
   """Fits the class Gaussians of VMDLS_b (and, given an autoencoder, VMDLS's constants).
 
   One pass over the training images without augmentation (Sec. 3.1: "with no augmentations"),
@@ -229,6 +242,8 @@ def fit_vmdls(model: nn.Module, variables: Mapping[str, Any], train_ds: ImageDat
     ridge: the covariance ridge, relative to each class's mean variance.
     autoencoder, autoencoder_params: the trained autoencoder (VMDLS); None for VMDLS_b only.
     shift: use L − l (True) or −l (False, the literal Sec. 3.3) in VMDLS's product.
+    members: which module outputs are the block members (`ensemble_blocks`); score with the
+      same value.
 
   Returns:
     The state: {"means" [C, F], "whitening" [C, F, F], "log_det" [C], "ridge" [C] (the
@@ -238,7 +253,7 @@ def fit_vmdls(model: nn.Module, variables: Mapping[str, Any], train_ds: ImageDat
   if train_ds.labels is None:
     raise ValueError(f"{train_ds.name!r} has no labels: the class Gaussians need them")
   x0 = normalize(train_ds.images[:1], train_ds.mean, train_ds.std)
-  is_block = ensemble_blocks(model, variables, x0)
+  is_block = ensemble_blocks(model, variables, x0, members)
   sums = None
   for start in range(0, len(train_ds), batch_size):
     images = normalize(train_ds.images[start:start + batch_size], train_ds.mean, train_ds.std)
@@ -269,18 +284,19 @@ def fit_vmdls(model: nn.Module, variables: Mapping[str, Any], train_ds: ImageDat
   return state
 
 
-def best_log_likelihood(model, variables, state, x, *, is_block=None
+def best_log_likelihood(model, variables, state, x, *, is_block=None, members: str = "pooled"
                         ) -> tuple[jax.Array, jax.Array]:
   """(l [B], c_max [B]): the best class log-likelihood of t(x) and its class (Sec. 3.2)."""
   if is_block is None:
-    is_block = ensemble_blocks(model, variables, x)
+    is_block = ensemble_blocks(model, variables, x, members)
   t, _ = feature_ensemble(model, variables, x, is_block=is_block)
   return _best_of(state, t)
 
 
-def score_vmdls_b(model, variables, state, x) -> tuple[jax.Array, jax.Array]:
+def score_vmdls_b(model, variables, state, x, *, members: str = "pooled"
+                  ) -> tuple[jax.Array, jax.Array]:
   """VMDLS_b: (−l [B], c_max [B]); higher = more OOD."""
-  log_lik, c_max = best_log_likelihood(model, variables, state, x)
+  log_lik, c_max = best_log_likelihood(model, variables, state, x, members=members)
   return -log_lik, c_max
 
 
@@ -293,10 +309,10 @@ def _log_lik_and_weight(model, variables, state, x, autoencoder, autoencoder_par
   return log_lik, c_max, jnp.sum((t1 - t1_hat) ** 2, axis=-1)
 
 
-def score_vmdls(model, variables, state, x, *, autoencoder: nn.Module
+def score_vmdls(model, variables, state, x, *, autoencoder: nn.Module, members: str = "pooled"
                 ) -> tuple[jax.Array, jax.Array]:
   """VMDLS: (w / w_scale · (L − l) [B], c_max [B]); higher = more OOD (Sec. 3.3)."""
-  is_block = ensemble_blocks(model, variables, x)
+  is_block = ensemble_blocks(model, variables, x, members)
   log_lik, c_max, w = _log_lik_and_weight(model, variables, state, x, autoencoder,
                                           state["autoencoder"], is_block)
   return w / state["w_scale"] * (state["log_lik_max"] - log_lik), c_max
