@@ -7,8 +7,8 @@ Command (from the repository root, after `bash scripts/setup.sh`):
 or simply `bash scripts/main.sh`. Running the same command again resumes from the latest
 checkpoint (or, when training has finished, only re-scores).
 
-Hardware and runtime: 2 CPU cores, about 11.5 minutes from a fresh clone, setup included, on a
-2-core AMD EPYC (classifier 3.0 min; VMDLS encoder 1.9 min; evaluation 5.6 min, a third of it
+Hardware and runtime: 2 CPU cores, about 10.5 minutes from a fresh clone, setup included, on a
+2-core AMD EPYC (classifier 2.9 min; VMDLS encoder 1.8 min; evaluation 4.8 min, including
 VMDLS's fits and autoencoder); the script prints its time per stage.
 `configs/fmnist_small_cnn.py:smoke` trains on 2,048 images for one epoch (about 20 s) and is
 what the tests use.

@@ -52,8 +52,10 @@ from oodjax.models.insides import inference_apply
 _STATE_FORMAT = "oodjax-detector-state"
 # Bumped whenever a fitted state's meaning changes, so an old file is refitted, not reused:
 # 2 = issue 8 redefined DMS/DMS-AOS/DSS/DSS-EXT and ANG+, which 1C-Sum's noise statistics and
-# the supervised bound's coefficients are fitted on.
-_STATE_VERSION = 2
+# the supervised bound's coefficients are fitted on; 3 = issue 9 made the pooled maps VMDLS's
+# ensemble members for max-pooling networks (same dimensions, other features) and changed its
+# autoencoder.
+_STATE_VERSION = 3
 
 
 # --- Compiled pieces: keyed on the (hashable) model and score functions, never on closures --
