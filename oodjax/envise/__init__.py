@@ -11,4 +11,6 @@ Modules:
   efficiency  FLOPs from compiled programs, RFL (Eq. 7) and Gain in Efficiency (Eq. 8).
   scenarios   deployment scenarios (C1-C6, T1-T5, embedded) and their validation.
   stream      the image-stream simulator.
+  online      the online distillation loop: adaptive phase, routing to the teacher, logs,
+              the Figure 3 plot.
 """
