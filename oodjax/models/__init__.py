@@ -41,6 +41,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # sample-free paper trains it on CIFAR.
     "densenet121": partial(DenseNet, stage_sizes=(6, 12, 24, 16), growth_rate=32,
                            compression=0.5),
+    # DenseNet-201 (stages (6, 12, 48, 32), k = 32) with the same CIFAR stem: the ENVISE
+    # paper's teacher on CIFAR-100 (configs/envise_cifar.py).
+    "densenet201": partial(DenseNet, stage_sizes=(6, 12, 48, 32), growth_rate=32,
+                           compression=0.5),
     "vgg16": VGG,
     "alexnet": AlexNet,
     # Tiny variants: same code paths (BN, projections, dropout), a few thousand parameters.
