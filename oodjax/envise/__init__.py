@@ -13,4 +13,6 @@ Modules:
   stream      the image-stream simulator.
   online      the online distillation loop: adaptive phase, routing to the teacher, logs,
               the Figure 3 plot.
+  ablation    the margin ablation (Table 3) as one vmapped program over the margins.
+  visualize   Grad-CAM overlays: teacher vs student maps on stream images.
 """
