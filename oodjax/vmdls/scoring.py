@@ -68,7 +68,7 @@ def ensemble_blocks(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
   any, else its blocks (see the module docstring). members="blocks": its stages if it has any,
   else its blocks, so a max-pooling network's members are its blocks' outputs before the pool
   (our definition until the scoring-cost work of issue 9; slower on XLA:CPU, and on the main
-  job's small CNN better on textures).
+  job's small CNN better on the digits set).
   """
   if members not in MEMBERS:
     raise ValueError(f"members must be one of {MEMBERS}, got {members!r}")
