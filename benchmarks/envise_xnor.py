@@ -40,8 +40,6 @@ import functools
 import json
 import os
 import pathlib
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -50,6 +48,7 @@ import numpy as np
 from flax import traverse_util
 from jax import lax
 
+from benchmarks.vmdls import _median_interleaved
 from benchmarks.whitebox import cpu_name
 from oodjax.envise import packed, students
 from oodjax.envise.binary import BinaryConv, BinaryDense, same_pads, xnor_weights
@@ -59,20 +58,6 @@ GEMM_SHAPE = (1024, 4608, 512)
 STUDENT = "binary_vgg16"
 NUM_CLASSES = 100
 SHAPE = (32, 32, 3)
-
-
-def _median_interleaved(fns: dict, repeats: int) -> dict[str, float]:
-  """Median seconds of each zero-argument function, run in a rotating order per repeat."""
-  for fn in fns.values():  # warm-up: compile and touch the data once
-    jax.block_until_ready(fn())
-  times = {k: [] for k in fns}
-  order = list(fns)
-  for r in range(repeats):
-    for k in order[r % len(order):] + order[:r % len(order)]:
-      start = time.perf_counter()
-      jax.block_until_ready(fns[k]())
-      times[k].append(time.perf_counter() - start)
-  return {k: statistics.median(t) for k, t in times.items()}
 
 
 def naive_xnor_matmul(a_words: jax.Array, b_words: jax.Array, k: int) -> jax.Array:

@@ -52,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from oodjax.envise import online
 from oodjax.envise.online import StepSpec, StudentState
@@ -83,16 +82,8 @@ def _single_step(spec: StepSpec, state: StudentState, margin: jax.Array,
   The spec's margin field is replaced by the traced scalar: `online.adaptive_loss` only passes
   it on to `envise_loss`, whose margin may be traced, so this is the very loss of a single run.
   """
-  spec = dataclasses.replace(spec, margin=margin)
-  grad_fn = jax.value_and_grad(online.adaptive_loss, argnums=1, has_aux=True)
-  (loss, (new_stats, aux)), grads = grad_fn(spec, state.params, state.batch_stats,
-                                            teacher_variables, x)
-  updates, opt_state = spec.tx().update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                            opt_state=opt_state)
-  return new_state, {"loss": loss, "distillation": aux["distillation"].mean(),
-                     "attention": aux["attention"].mean()}
+  return online.adaptive_update(dataclasses.replace(spec, margin=margin), state,
+                                teacher_variables, x)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -420,10 +420,12 @@ def adaptive_loss(spec: StepSpec, params: PyTree, batch_stats: PyTree,
   return per_example.mean(), (new_stats, aux)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def adaptive_step(spec: StepSpec, state: StudentState, teacher_variables: PyTree,
-                  x: jax.Array) -> tuple[StudentState, dict[str, jax.Array]]:
+def adaptive_update(spec: StepSpec, state: StudentState, teacher_variables: PyTree,
+                    x: jax.Array) -> tuple[StudentState, dict[str, jax.Array]]:
   """One adaptive update: teacher labels and maps -> L_f -> optimizer step on the latent weights.
+
+  Not jitted (`adaptive_step` is its jitted form), so a caller can trace it with a spec whose
+  margin is an array (`oodjax.envise.ablation` vmaps it over margins).
 
   Args:
     spec: static; see `StepSpec`.
@@ -444,6 +446,9 @@ def adaptive_step(spec: StepSpec, state: StudentState, teacher_variables: PyTree
                             opt_state=opt_state)
   return new_state, {"loss": loss, "distillation": aux["distillation"].mean(),
                      "attention": aux["attention"].mean()}
+
+
+adaptive_step = jax.jit(adaptive_update, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
