@@ -19,6 +19,7 @@ experiments/baseline/results.json.
 """
 import ml_collections
 
+from oodjax.envise.pipeline import envise_config
 from oodjax.vmdls.train import vmdls_config
 
 # From near to far (the order of oodjax.data.EMBEDDED_OOD).
@@ -92,6 +93,16 @@ def get_config(arg=None):
   config.vmdls.train = ml_collections.ConfigDict(dict(num_epochs=3, learning_rate=1e-3))
   config.vmdls.train_size = ml_collections.FieldReference(20_000, field_type=int)
 
+  # ENVISE's short embedded scenario: the classifier above is the frozen teacher; a tiny binary
+  # student adapts online to a shirt stall (tops frequent, footwear rare), then to a shoe shop
+  # (footwear and bags frequent, garments rare). See oodjax/envise/pipeline.py.
+  config.envise = envise_config(
+      scenarios=("tops", "footwear"), student="binary_tiny",
+      online=dict(optimizer=dict(learning_rate=1e-3),
+                  adaptive=dict(window=20, max_steps=120, target_agreement=0.95),
+                  checkpoint=dict(every_steps=100)),
+      stream=dict(images_per_scenario=2500, batch_size=10, seed=0, augment=True))
+
   if arg == "smoke":
     config.train_size = 2048
     config.train.num_epochs = 1
@@ -105,6 +116,11 @@ def get_config(arg=None):
     config.eval.open_set_train_size = 1000
     config.vmdls.train.num_epochs = 2
     config.vmdls.train_size = 1024
+    config.envise.stream.images_per_scenario = 200
+    config.envise.online.adaptive.update(window=5, max_steps=10)
+    config.envise.eval.holdout = 20
+    config.envise.eval.odin.epsilons = (0.0, 0.002)
+    config.envise.overlay_images = 3
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; known: smoke")
   return config

@@ -3,6 +3,9 @@
   oodjax train    --config configs/NAME.py[:ARG] --workdir DIR [--set key=value ...]
   oodjax evaluate --config ... --workdir DIR   (scores a trained checkpoint in DIR)
   oodjax run      --config ... --workdir DIR   (train, resuming if interrupted, then evaluate)
+
+A config with an `envise` section also runs ENVISE after the evaluation (`run` and `evaluate`),
+with the classifier as the frozen teacher, in DIR/envise (`oodjax.envise.pipeline`).
   oodjax data list [--data-dir DIR]
   oodjax data prepare NAME [--data-dir DIR] [--manual-dir DIR]
 """
@@ -47,6 +50,9 @@ def _load_experiment(args):
   data.validate(train_ds, require_labels=True)
   data.validate(test_ds, require_labels=True)
   model = models.get_model(config.model, num_classes=train_ds.num_classes)
+  if _runs_envise(config):  # scenarios, students and gates checked before any training
+    from oodjax.envise.pipeline import check_envise_config
+    check_envise_config(config, train_ds.class_names)
   if "vmdls" in config:  # its errors too come before any training
     from oodjax.train.sharding import make_mesh
     from oodjax.vmdls.train import check_vmdls_config
@@ -101,6 +107,21 @@ def _evaluate(args, config, model, state, vmdls=None) -> None:
   print(f"wrote results.json, results.md, plots/ and detectors/ to {args.workdir}")
 
 
+def _runs_envise(config) -> bool:
+  return "envise" in config and bool(config.envise.enabled)
+
+
+def _run_envise(args, config, model, state) -> None:
+  """ENVISE with the classifier as its frozen teacher, in WORKDIR/envise (resumable)."""
+  from oodjax.envise.pipeline import run_envise
+  workdir = pathlib.Path(args.workdir) / "envise"
+  run_envise(config, workdir, teacher=model, teacher_variables=_variables(state),
+             data_dir=args.data_dir, progress=not args.no_progress)
+  print((workdir / "results.md").read_text())
+  print(f"wrote ENVISE's results.json, results.md, figure3.png and gradcam_overlay.png to "
+        f"{workdir}")
+
+
 def _cmd_train(args):
   config, model, train_ds, test_ds = _load_experiment(args)
   _train(args, config, model, train_ds, test_ds)
@@ -120,8 +141,13 @@ def _cmd_run(args):
     stages.append(f"training the VMDLS encoder {time.time() - trained:.0f} s")
     trained = time.time()
   _evaluate(args, config, model, state, vmdls)
-  stages.append(f"evaluation {time.time() - trained:.0f} s (fits, incl. VMDLS's autoencoder, "
+  evaluated = time.time()
+  stages.append(f"evaluation {evaluated - trained:.0f} s (fits, incl. VMDLS's autoencoder, "
                 "and scores)")
+  if _runs_envise(config):
+    _run_envise(args, config, model, state)
+    stages.append(f"ENVISE {time.time() - evaluated:.0f} s (online runs with the classifier as "
+                  "teacher, gates, plots)")
   print("time per stage (0 s when resumed from a finished run): " + ", ".join(stages))
 
 
@@ -133,6 +159,8 @@ def _cmd_evaluate(args):
   vmdls = _train_vmdls(args, config, train_ds, test_ds, restore_only=True) \
       if _reports_vmdls(config) else None
   _evaluate(args, config, model, state, vmdls)
+  if _runs_envise(config):
+    _run_envise(args, config, model, state)
 
 
 def _cmd_data_list(args):

@@ -38,9 +38,13 @@ __all__ = ["ImageDataset", "batches", "channel_stats", "check_compatible", "from
            "normalize", "validate", "EMBEDDED_OOD", "load", "list_datasets", "resize_dataset"]
 
 
+# Fashion-MNIST (labels 0-9) + Animal-MNIST (labels 10-19), splits "train" and "test".
+FASHION_ANIMAL = "embedded/fashion_animal"
+
+
 def list_datasets() -> tuple[str, ...]:
   """The names `load` knows (TFDS ones need preparing first; any prepared TFDS set works too)."""
-  return (tuple(f"embedded/{n}" for n in VENDORED + GENERATED)
+  return (tuple(f"embedded/{n}" for n in VENDORED + GENERATED) + (FASHION_ANIMAL,)
           + tuple(f"tfds/{n}" for n in _TFDS_KNOWN) + ("folder/<path>",))
 
 
@@ -69,6 +73,13 @@ def load(name: str, split: str = "test", *, data_dir: str | None = None, seed: i
     raise ValueError(f"options {sorted(options)} apply only to folder/ sets, not {name!r}")
   if prefix == "embedded" and (rest in VENDORED or rest.partition(":")[0] in GENERATED):
     ds = load_embedded(rest, split, seed=seed, size=size)
+  elif name == FASHION_ANIMAL:
+    # The 20-class set of ENVISE's embedded scenarios (defined beside them; imported here
+    # lazily, since oodjax.envise.scenarios itself loads its two parts through this function).
+    from oodjax.envise.scenarios import fashion_animal_dataset  # pylint: disable=g-import-not-at-top
+    ds = fashion_animal_dataset(split)
+    if size is not None:
+      ds = ds.take(slice(0, size))
   elif prefix == "tfds" and rest:
     ds = load_tfds(rest, split, data_dir=data_dir, size=size)
   elif prefix == "folder" and rest:

@@ -58,8 +58,11 @@ SEES = {ID_TRAIN: "the in-distribution training set",
         HELDOUT_OOD: "held-out images of the OOD set it is tested on",
         NOISE: "generated noise"}
 
-# The networks a detector can score (`Detector.network`).
-NETWORKS = ("classifier", "vmdls")
+# The networks a detector can score (`Detector.network`): the experiment's classifier, a VMDLS
+# encoder, and ENVISE's students after their online adaptation (`oodjax.envise.pipeline`): the
+# binary student trained with L_d + L_at, the binary student trained with L_d only, and the
+# real-valued twin trained with L_d + L_at.
+NETWORKS = ("classifier", "vmdls", "envise_bsn", "envise_bsn_ld", "envise_rvsn")
 
 # A fit: (model, variables, data, options) -> (state, info).
 FitFn = Callable[[Any, PyTree, "FitData", Mapping[str, Any]], tuple[PyTree, dict]]
@@ -115,8 +118,9 @@ class Detector:
     classify: `classify(model, variables, state, x) -> [B] int`, the class an accepted input
       is given in open-set recognition (VMDLS: the best Gaussian's class); None: the argmax of
       the model's output, for detectors on a classifier.
-    network: which trained network `model` is: "classifier" (the experiment's classifier) or
-      "vmdls" (a VMDLS encoder, trained by `oodjax.vmdls.train_vmdls`).
+    network: which trained network `model` is: "classifier" (the experiment's classifier),
+      "vmdls" (a VMDLS encoder, trained by `oodjax.vmdls.train_vmdls`), or one of ENVISE's
+      adapted students, "envise_bsn", "envise_bsn_ld", "envise_rvsn" (`oodjax.envise.pipeline`).
   """
   label: str
   fit: FitFn

@@ -18,9 +18,24 @@ user's own, `{**REGISTRY, "mine": Detector(...)}` (see `oodjax.detectors.protoco
 | supervised                | held-out ID + held-out OOD    | sample-free, supervised upper bound |
 | vmdls_b                   | ID training set               | VMDLS_b, Secs. 3.1-3.2              |
 | vmdls                     | ID training set               | VMDLS, Sec. 3.3 (trains its AE)     |
+| envise_gate               | nothing                       | ENVISE gate, Sec. 3-4 (BSN, L_f)    |
+| envise_gate_rvsn          | nothing                       | ENVISE gate with the RvSN (L_f)     |
+| msp_gated                 | nothing                       | ENVISE's MSP baseline (BSN, L_d)    |
+| odin_gated                | held-out ID                   | ENVISE's ODIN baseline (BSN, L_d)   |
 
 The VMDLS entries score a VMDLS encoder (`oodjax.vmdls.train_vmdls`), not a classifier: their
 `model` is the encoder, and `oodjax run` evaluates them on it beside the classifier's rows.
+
+The ENVISE entries are gates: the deployed student's score, by which an image is routed to the
+teacher (higher = more likely an outlier = routed). They differ in the student they score
+(`Detector.network`), i.e. in how it was adapted online, not only in the score: "envise_gate"
+is the max softmax of the binary student trained with L_f = L_d + 0.2 L_at (Eq. 6), the
+paper's method; "msp_gated" the same score on a binary student trained with L_d alone (the
+paper's ED / Hendrycks-Gimpel baseline); "odin_gated" ODIN on that L_d student, with T = 1000
+and ε chosen on held-out inliers only (a deployed gate never sees its outliers: the fit of
+"odin_tuned_without_ood"); "envise_gate_rvsn" the max softmax of the
+real-valued twin trained with L_f (Tables 2-4 of the paper). `oodjax.envise.pipeline` adapts
+the students and evaluates these entries per scenario, inlier classes against outlier classes.
 """
 from __future__ import annotations
 
@@ -270,4 +285,17 @@ REGISTRY: dict[str, Detector] = {
                            halves_without_holdout=True),
     "vmdls_b": vmdls_b_detector(),
     "vmdls": vmdls_detector(),
+    # ENVISE's gates: the deployed student's max softmax (Hendrycks & Gimpel, as the paper's
+    # Sec. 4 routes), or ODIN on it; the network says which adapted student.
+    "envise_gate": Detector("ENVISE gate (BSN, L_d + L_at)", fit_nothing, score_msp,
+                            network="envise_bsn"),
+    "envise_gate_rvsn": Detector("ENVISE gate (RvSN, L_d + L_at)", fit_nothing, score_msp,
+                                 network="envise_rvsn"),
+    "msp_gated": Detector("MSP-gated BSN (L_d only)", fit_nothing, score_msp,
+                          network="envise_bsn_ld"),
+    "odin_gated": Detector(
+        "ODIN-gated BSN (L_d only)", fit_odin_tuned_without_ood, score_odin,
+        sees=frozenset({HELDOUT_ID}), options="odin", network="envise_bsn_ld",
+        defaults={"no_ood_temperature": softmax.T1000_TEMPERATURE,
+                  "epsilons": tuning.PAPER_EPSILONS, "chunk_size": 250}),
 }

@@ -62,6 +62,10 @@ The teacher classifies every image for the log's teacher accuracy, although depl
 only the routed ones. `summarize` turns the log into the per-scenario summary `run_online`
 returns, whose routed fractions of inliers and outliers feed `efficiency.gain_in_efficiency`.
 
+Snapshots. At the end of every scenario the student's variables (those deployed in it) are
+written to `workdir/students/scenario_<i>.msgpack` (`load_snapshot`), for the gates'
+evaluation (`oodjax.envise.pipeline`).
+
 Resuming. The batch at step t is a pure function of (stream, t); the student state and the
 loop's counters are checkpointed with Orbax (`oodjax.train.checkpoint`) every
 `checkpoint.every_steps` steps and at the end of every phase. Rerunning `run_online` in the same
@@ -87,6 +91,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -746,6 +751,8 @@ def run_online(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         log.flush()
         bar.update(1)
         bar.set_postfix(phase=record["phase"][:5], agree=f"{record['agreement']:.2f}")
+        if last_of_scenario:  # what was deployed in this scenario, for its evaluation
+          save_snapshot(workdir, scenario, _variables(state.params, state.batch_stats))
         if phase_end is not None or (t + 1) % int(cc.every_steps) == 0:
           ckpt.save_checkpoint(manager, t + 1, state, rng,
                                {"step": t + 1, "loop": dict(loop), "config": config.to_json()},
@@ -757,6 +764,45 @@ def run_online(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   summary.update(resumed_from=resumed_from, student_kind=config.student_kind,
                  log_path=log_path)
   return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots of the deployed student
+
+
+SNAPSHOT_DIR = "students"
+
+
+def snapshot_path(workdir: str | os.PathLike, scenario: int) -> str:
+  """Where `run_online` keeps the student variables deployed in scenario `scenario`."""
+  return os.path.join(workdir, SNAPSHOT_DIR, f"scenario_{scenario}.msgpack")
+
+
+def save_snapshot(workdir: str | os.PathLike, scenario: int, variables: PyTree) -> None:
+  """Writes the student's variables at the end of a scenario (atomically: temp file, rename).
+
+  The student's weights do not change during an inference phase, so these are the weights
+  that classified and routed the scenario's inference images.
+  """
+  path = snapshot_path(workdir, scenario)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(jax.device_get(variables)))
+  os.replace(path + ".tmp", path)
+
+
+def load_snapshot(workdir: str | os.PathLike, scenario: int) -> dict[str, PyTree]:
+  """The student variables `run_online` saved at the end of scenario `scenario`.
+
+  Raises:
+    FileNotFoundError: that scenario has not ended in this workdir's run.
+  """
+  path = snapshot_path(workdir, scenario)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no student snapshot for scenario {scenario} in {workdir}: has "
+                            "run_online played that scenario to its end?")
+  with open(path, "rb") as f:
+    return flax.serialization.msgpack_restore(f.read())
 
 
 # ---------------------------------------------------------------------------------------------
