@@ -334,7 +334,7 @@ def test_main_job_smoke_matches_the_pre_registry_rows_and_resumes(tmp_path):
   it replaced reported, with the same numbers; a second run only re-scores; `oodjax evaluate`
   without a holdout reproduces the sample-free rows and the supervised bound."""
   common = ["--config", SMOKE, "--workdir", str(tmp_path), "--set", OOD,
-            "--set", "eval.ood_size=2000"]
+            "--set", "eval.ood_size=2000", "--set", "envise.enabled=False"]
   all_holdout = ("eval.detectors=('msp','max_logit','energy','t1000','odin_tuned_on_ood',"
                  "'odin_tuned_without_ood','odin_fixed','indicators','1c_sum')")
   first = _oodjax("run", *common, "--set", all_holdout)

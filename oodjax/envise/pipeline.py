@@ -204,9 +204,13 @@ def check_envise_config(config: ml_collections.ConfigDict, class_names: Sequence
   if int(ec.stream.get("batch_size", 10)) != int(ec.online.batch_size):
     raise ValueError(f"envise.stream.batch_size {ec.stream.get('batch_size', 10)} differs from "
                      f"envise.online.batch_size {ec.online.batch_size}")
-  stream._scenario_sizes(  # pylint: disable=protected-access
+  sizes = stream._scenario_sizes(  # pylint: disable=protected-access
       len(ec.scenarios), ec.stream.get("images_per_scenario"),
       ec.stream.get("epochs_per_scenario"), ec.stream.get("epoch_size"))
+  for name, n in zip(ec.scenarios, sizes):
+    if n <= 0 or n % int(ec.online.batch_size):
+      raise ValueError(f"envise.stream: scenario {name!r} has {n} images, not a positive "
+                       f"multiple of the batch size {ec.online.batch_size}")
   if int(ec.overlay_images) < 0 or int(ec.overlay_images) > int(ec.online.batch_size):
     raise ValueError(f"envise.overlay_images must be in [0, batch size "
                      f"{ec.online.batch_size}], got {ec.overlay_images}")
@@ -278,7 +282,7 @@ class _Timer:
 
 def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                teacher, teacher_variables: PyTree, data_dir: str | None = None,
-               progress: bool | None = None) -> dict[str, Any]:
+               progress: bool | None = None, stream_ds=None, eval_ds=None) -> dict[str, Any]:
   """Runs ENVISE as `config.envise` says with a trained teacher; see the module docstring.
 
   Args:
@@ -288,6 +292,8 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       variables; its K outputs are `config.dataset`'s classes.
     data_dir: TFDS data folder, for tfds/ datasets.
     progress: progress bars of the online runs (None: when stderr is a terminal).
+    stream_ds, eval_ds: labelled ImageDatasets to use instead of loading `envise.split` and
+      `envise.eval_split` of `config.dataset` (e.g. data held in memory).
 
   Returns:
     The results dict written to `workdir/results.json`.
@@ -297,8 +303,12 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   ec = config.envise
   workdir = pathlib.Path(workdir)
   timer = _Timer()
-  stream_ds = data_lib.load(config.dataset, ec.split, seed=config.seed, data_dir=data_dir)
-  eval_ds = data_lib.load(config.dataset, ec.eval_split, seed=config.seed, data_dir=data_dir)
+  if stream_ds is None:
+    stream_ds = data_lib.load(config.dataset, ec.split, seed=config.seed, data_dir=data_dir)
+  if eval_ds is None:
+    eval_ds = data_lib.load(config.dataset, ec.eval_split, seed=config.seed, data_dir=data_dir)
+  if tuple(eval_ds.class_names) != tuple(stream_ds.class_names):
+    raise ValueError("the stream's and the evaluation's datasets have different classes")
   check_envise_config(config, stream_ds.class_names)
   scenarios = resolve_scenarios(ec.scenarios, stream_ds.class_names)
   deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
@@ -357,7 +367,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     for network, names in groups.items():
       variables = online.load_snapshot(workdir / network, index)
       results, _ = evaluate_ood(deployed[network], variables, inliers, {"outliers": outliers},
-                                tuple(names), options=options, holdout=int(ec.eval.holdout),
+                                tuple(names), options=options, holdout=ec.eval.holdout,
                                 seed=int(ec.eval.seed), batch_size=int(ec.eval.batch_size))
       s = summaries[network]["scenarios"][index]
       for row in results["rows"]:
@@ -370,6 +380,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                  scenario.inlier_probability, 1.0 - GATE_TPR,
                                  1.0 - metrics["fpr95"], s["adaptive_steps"],
                                  s["inference_steps"])}
+    entry["gates"] = {row: entry["gates"][row] for row in ec.detectors}  # the config's order
     per_scenario.append(entry)
   timer.done("gates, accuracies and GiE")
 
