@@ -36,8 +36,8 @@ def _config(**envise):
   return config
 
 
-@pytest.fixture(autouse=True)
-def _blob_scenarios(monkeypatch):
+@pytest.fixture
+def blob_scenarios(monkeypatch):
   monkeypatch.setattr("oodjax.envise.scenarios.EMBEDDED_SCENARIOS", SCENARIOS)
 
 
@@ -75,13 +75,13 @@ def test_gate_score_is_one_minus_the_students_max_softmax():
     (dict(stream=dict(images_per_scenario=120, batch_size=20)), "differs from"),
     (dict(overlay_images=11), "overlay_images"),
 ])
-def test_bad_envise_configs_fail_before_training(envise, message):
+def test_bad_envise_configs_fail_before_training(envise, message, blob_scenarios):
   config = _config(**envise)
   with pytest.raises(ValueError, match=message):
     pipeline.check_envise_config(config, NAMES)
 
 
-def test_a_scenario_naming_an_unknown_class_fails(monkeypatch):
+def test_a_scenario_naming_an_unknown_class_fails(monkeypatch, blob_scenarios):
   monkeypatch.setitem(SCENARIOS, "bad", Scenario("bad", ("c0", "zebra"), ("c5",)))
   with pytest.raises(ValueError, match="zebra"):
     pipeline.check_envise_config(_config(scenarios=("bad",)), NAMES)
