@@ -7,34 +7,18 @@ student (BSN, first and last layers real-valued: `oodjax.envise.students`, "bina
 the IL \ OL super-class pairs C1-C6 of Tables 1 and 7
 (`oodjax.envise.scenarios.CIFAR100_SCENARIOS`).
 
-What runs it. No CLI path runs ENVISE yet: `oodjax train` / `oodjax run` know the classifier
-and the detectors only. With this config they train the TEACHER (the same one for C1-C6,
-`config.model` on `config.dataset` with `config.train`), and `run` then reports the teacher's
-own MSP against two noise sets, a check of the teacher and nothing more:
+What runs it. `oodjax run` trains the TEACHER (the same one for C1-C6, `config.model` on
+`config.dataset` with `config.train`), reports its own MSP against two noise sets (a check of
+the teacher), and then, because the config has an `envise` section, runs ENVISE on the
+scenario with the teacher frozen (`oodjax.envise.pipeline`): the binary student's online
+adaptation and the Figure 3 students, the four gates of the registry, accuracies, GiE, plots,
+in WORKDIR/envise:
 
   oodjax data prepare cifar100                     # once, with the `prepare` extra
-  oodjax run --config configs/envise_cifar.py:c1 --workdir runs/envise_tn
+  oodjax run --config configs/envise_cifar.py:c1 --workdir runs/envise_c1
 
-The online distillation is `oodjax.envise.online.run_online`, called from Python (the teacher
-below is restored from the finished run above, or trained if it is not there):
-
-  from oodjax import data, models
-  from oodjax.config import load_config
-  from oodjax.envise import online, scenarios, students, stream
-
-  config = load_config("configs/envise_cifar.py:c1")
-  train, test = data.load(config.dataset, "train"), data.load(config.dataset, config.envise.split)
-  teacher, tv = online.train_teacher(config, "runs/envise_tn", train_ds=train,
-                                     model=models.get_model(config.model, 100))
-  scenario = scenarios.CIFAR100_SCENARIOS[config.envise.scenario]
-  deploy = stream.make_stream(test, [scenario], **config.envise.stream)
-  adapt = stream.make_stream(test, [scenarios.inliers_only(scenario)], **config.envise.stream)
-  summary = online.run_online(config.envise.online, "runs/envise_c1", teacher=teacher,
-                              teacher_variables=tv, stream=deploy, adaptive_stream=adapt,
-                              student=students.get_student(config.envise.student, 100))
-
-(`adaptive_stream` only when `config.envise.adaptive_inliers_only`; Figure 3's other students
-are `config.envise.online.student_kind` = "rvsn", "binarised_rvsn", "standalone".)
+Runs of other scenarios can share the teacher: copy (or link) the first run's checkpoints/ into
+the new workdir before `oodjax run`, and it restores the finished teacher instead of training.
 
 Which values are the paper's (Sec. 4 unless said):
   teacher DenseNet-201, pre-trained on the training set of all CIFAR-100 classes; student binary
@@ -51,7 +35,9 @@ Which are ours (the paper is silent):
   * an "epoch" is Table 1's "# IL train" images of the scenario (C1: 840), so the adaptive phase
     is capped at 10 x 840 / 10 = 840 steps and a scenario lasts 40 x 840 images;
   * the stream draws from the CIFAR-100 TEST split (`envise.split`; the paper builds its
-    super-classes on the test set, and Table 1 counts test images), with replacement, classes
+    super-classes on the test set, and Table 1 counts test images), and the gates are
+    evaluated on the same test images (`envise.eval_split`), as the paper's tables seem to be
+    (the embedded experiments keep them apart instead); draws with replacement, classes
     uniform within IL and within OL, P(IL) = IL test / (IL test + OL test) from Table 1
     (see `oodjax.envise.scenarios`);
   * crop fractions U[0.8, 1.0]; the convergence rule, the routing threshold (the quantile rule
@@ -83,11 +69,10 @@ Grad-CAM step through both networks.
 """
 import pathlib
 
-import ml_collections
 
 from oodjax.config import load_config
 from oodjax.envise import scenarios
-from oodjax.envise.online import online_config
+from oodjax.envise.pipeline import envise_config
 from oodjax.train.schedules import paper_train_overrides
 
 # Paper Sec. 4: Adam, lr 1e-4, batch 10, 10 adaptive epochs; Eq. 6's lambdas; Eq. 5's margin.
@@ -121,22 +106,22 @@ def get_config(arg=None):
   config.eval.detectors = ("msp",)  # the teacher's own check; ENVISE's gate is the student's
   config.eval.ood_sets = ("embedded/uniform_noise:32x32x3", "embedded/gaussian_noise:32x32x3")
 
-  envise = ml_collections.ConfigDict()
-  envise.scenario = name
-  envise.student = "binary_vgg16"
-  envise.split = "test"  # the stream's images (ours; see the docstring)
-  envise.adaptive_inliers_only = True  # Table 1: "# OL train" = 0
-  envise.online = online_config(
-      student_kind="bsn", batch_size=BATCH_SIZE,
-      optimizer={"name": "adam", "learning_rate": 1e-4},
-      loss={"lambda_d": 1.0, "lambda_at": 0.2, "margin": 1.5, "attention": "triplet"},
-      adaptive={"max_epochs": ADAPTIVE_EPOCHS, "epoch_size": epoch_size},
-      checkpoint={"every_steps": 500})
-  # Keyword arguments of `oodjax.envise.stream.make_stream`, as they are.
-  envise.stream = ml_collections.ConfigDict({
-      "epochs_per_scenario": SCENARIO_EPOCHS, "epoch_size": epoch_size,
-      "batch_size": BATCH_SIZE, "seed": 0, "crop_range": CROP_RANGE,
-      "max_angle": MAX_ANGLE, "augment": True})
+  envise = envise_config(
+      scenarios=(name,), student="binary_vgg16", split="test", eval_split="test",
+      adaptive_inliers_only=True,  # Table 1: "# OL train" = 0
+      online=dict(student_kind="bsn", batch_size=BATCH_SIZE,
+                  optimizer={"name": "adam", "learning_rate": 1e-4},
+                  loss={"lambda_d": 1.0, "lambda_at": 0.2, "margin": 1.5,
+                        "attention": "triplet"},
+                  adaptive={"max_epochs": ADAPTIVE_EPOCHS, "epoch_size": epoch_size,
+                            "max_steps": None, "window": 50},
+                  checkpoint={"every_steps": 500}),
+      # Keyword arguments of `oodjax.envise.stream.make_stream`, as they are.
+      stream={"epochs_per_scenario": SCENARIO_EPOCHS, "epoch_size": epoch_size,
+              "batch_size": BATCH_SIZE, "seed": 0, "crop_range": CROP_RANGE,
+              "max_angle": MAX_ANGLE, "augment": True},
+      eval={"holdout": 100, "batch_size": 250, "seed": 0, "odin": {"chunk_size": 250}})
+  envise.scenario = name  # the one scenario of this config (`envise.scenarios` = (name,))
   with config.unlocked():
     config.envise = envise
   config.lock()

@@ -63,6 +63,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/sample_free_cifar.py needs an argument, one of {sorted(VARIANTS)}")
   model, dataset = VARIANTS[arg]
   config = load_config(str(pathlib.Path(__file__).with_name("fmnist_small_cnn.py")))
+  with config.unlocked():
+    del config["envise"]  # the main job's ENVISE stage (Fashion-MNIST scenarios) is not part of it
   config.model = model
   config.dataset = dataset
   config.train.update(paper_train_overrides("wrn_28_10"))

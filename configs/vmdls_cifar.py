@@ -137,6 +137,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/vmdls_cifar.py needs an argument, one of {sorted(VARIANTS)}")
   model, dataset, recipe, latent_dim, classes_per_batch, per_class, vmdls_train = VARIANTS[arg]
   config = load_config(str(pathlib.Path(__file__).with_name("fmnist_small_cnn.py")))
+  with config.unlocked():
+    del config["envise"]  # the main job's ENVISE stage (Fashion-MNIST scenarios) is not part of it
   config.model = model
   config.dataset = dataset
   config.train.update(paper_train_overrides(recipe))

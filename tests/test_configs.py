@@ -29,7 +29,8 @@ SPECS = ["fmnist_small_cnn.py", "fmnist_small_cnn.py:smoke", "odin_fmnist.py",
          "vmdls_cifar.py:densenet_c100", "vmdls_cifar.py:resnet18_c10",
          "vmdls_cifar.py:resnet34_c10", "vmdls_cifar.py:wrn28_c10", "vmdls_cifar.py:vgg16_c10",
          # ENVISE: the teacher is the same for every scenario, so one spec covers the file here.
-         "envise_cifar.py:c1"]
+         "envise_cifar.py:c1", "envise_embedded.py", "envise_embedded.py:quick"]
+OTHER_CLASSES = {"embedded/fashion_animal": 20}
 
 
 def test_every_config_file_is_covered():
@@ -41,7 +42,7 @@ def test_config_builds_its_model(spec):
   config = load_config(str(CONFIGS / spec))
   module_doc = (CONFIGS / spec.split(":")[0]).read_text().split('"""')[1]
   assert "oodjax run --config" in module_doc
-  num_classes = CIFAR.get(config.dataset, 10)
+  num_classes = CIFAR.get(config.dataset, OTHER_CLASSES.get(config.dataset, 10))
   shape = (1, 32, 32, 3) if config.dataset in CIFAR else (1, 28, 28, 1)
   model = models.get_model(config.model, num_classes=num_classes)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
@@ -49,6 +50,25 @@ def test_config_builds_its_model(spec):
                           jnp.zeros((8, *shape[1:])))
   assert logits.shape == (8, num_classes)
   assert "msp" in config.eval.detectors
+
+
+def _class_names(dataset: str):
+  if dataset == "tfds/cifar100":
+    return envise_scenarios.CIFAR100_FINE_LABELS
+  if dataset == "embedded/fashion_animal":
+    return envise_scenarios.FASHION_ANIMAL_CLASSES
+  return envise_scenarios.FASHION_MNIST_CLASSES
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if "smoke" not in s])
+def test_envise_sections_pass_their_checks(spec):
+  """Every config with an `envise` section names known scenarios, student and gates, with
+  stream lengths that fit its batch size (what `oodjax run` checks before training)."""
+  from oodjax.envise.pipeline import check_envise_config
+  config = load_config(str(CONFIGS / spec))
+  if "envise" not in config:
+    pytest.skip("no envise section")
+  check_envise_config(config, _class_names(config.dataset))
 
 
 def test_odin_configs_follow_the_paper():

@@ -50,7 +50,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -102,7 +101,7 @@ def envise_config(**overrides) -> ml_collections.ConfigDict:
     figure3_kinds      extra student kinds for Figure 3 (keys of FIGURE3_RUNS).
     online             an `online.online_config` (the runs' shared settings).
     stream             keyword arguments of `stream.make_stream` (lengths, batch size, seed,
-                       augmentation).
+                       augmentation); an override replaces the whole dict.
     eval               holdout (held-out inlier images for fits that see them: ODIN's ε),
                        batch_size, seed, and "odin" options of the `odin_gated` entry.
     overlay_images     stream images in the Grad-CAM overlay (0: none).
@@ -129,6 +128,8 @@ def envise_config(**overrides) -> ml_collections.ConfigDict:
       raise ValueError(f"unknown envise config key {key!r}; known: {sorted(c)}")
     if key == "online":
       value = _online_config(c.online, value)
+    elif key == "stream":  # make_stream's keyword arguments, replaced as a whole
+      value = ml_collections.ConfigDict(dict(value))
     elif isinstance(c[key], ml_collections.ConfigDict):
       value = ml_collections.ConfigDict({**c[key].to_dict(), **dict(value)})
     c[key] = value

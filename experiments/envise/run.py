@@ -1,0 +1,211 @@
+r"""ENVISE on the embedded 20-class set: analogues of the paper's Tables 2-4 and 6, Figures 3-5.
+
+Three parts, each writing a JSON file here that `make_readme.py` turns into README.md:
+
+* `main` (Tables 2-4, 6, Figures 3 and 5): `oodjax run --config configs/envise_embedded.py`:
+  the teacher (small CNN, all 20 classes), then five students adapted online to the four
+  scenarios zoo -> shop -> tops -> wildlife, the four gates of the registry evaluated per
+  scenario (`oodjax.envise.pipeline`). Copies its `results.json` to `main.json`, and
+  `figure3.png` and `gradcam_overlay.png` here.
+* `ablation` (Table 3): the margin delta of L_at in {0.5, 1.0, 1.5, 2.0, 2.5}, five binary
+  students trained as ONE vmapped program (`oodjax.envise.ablation.train_margin_variants`) on
+  the first scenario's adaptive phase (the same batches, initial weights and teacher as the
+  main run's BSN), each then evaluated as the "envise_gate" row. Writes `ablation.json`.
+* `separation` (Figure 4 and its p-values): the features of each adapted student's last layer
+  (the input of its head) on the first scenario's test images; the 1-D quantity tested is the
+  Euclidean distance of an image's features to the nearest inlier-class centroid (centroids:
+  the scenario's inlier TRAINING images, by true class), inliers vs outliers, two-sided
+  Wilcoxon rank-sum test (`scipy.stats.ranksums`); the paper does not say which quantity it
+  tests, lower p = better separated, as in its Figure 4. The 2-D embedding is PCA of the
+  features. Writes `separation.json` and `separation.png`.
+
+Command (from the repository root):
+
+  .venv/bin/python -m experiments.envise.run              # about 20 minutes on 2 CPU cores
+  .venv/bin/python -m experiments.envise.run --quick      # smoke run, a few minutes
+  .venv/bin/python -m experiments.envise.make_readme      # regenerate README.md only
+
+`--quick` uses `configs/envise_embedded.py:quick` and writes under runs/envise_quick/ and
+runs/envise_quick/experiment/, leaving the committed results alone. Re-running resumes (the
+teacher and the online runs from their checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from experiments.envise import make_readme
+from oodjax import cli, data, models
+from oodjax.batching import map_padded
+from oodjax.config import load_config
+from oodjax.envise import ablation, online, pipeline, scenarios as scenarios_lib, students, stream
+from oodjax.evaluate import evaluate_ood
+from oodjax.fileio import atomic_write_json
+from oodjax.models.insides import forward_with_insides
+from oodjax.train.classifier import train_classifier
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CONFIG = str(ROOT / "configs" / "envise_embedded.py")
+MARGINS = (0.5, 1.0, 1.5, 2.0, 2.5)  # Table 3
+SEPARATION_RUNS = ("envise_bsn", "envise_bsn_ld", "envise_rvsn")
+
+
+def _teacher(config, workdir: pathlib.Path):
+  """The main run's teacher, restored from its checkpoint."""
+  train = data.load(config.dataset, "train", seed=config.seed)
+  if config.get("train_size"):
+    train = train.take(slice(0, config.train_size))
+  model = models.get_model(config.model, num_classes=train.num_classes)
+  state, _ = train_classifier(config, str(workdir), model=model, train_ds=train,
+                              restore_only=True)
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return model, variables
+
+
+def run_main(config_spec: str, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  code = cli.main(["run", "--config", config_spec, "--workdir", str(workdir), "--no-progress"])
+  if code:
+    raise SystemExit(code)
+  shutil.copy(workdir / "envise" / "results.json", out / "main.json")
+  for name in ("figure3.png", "gradcam_overlay.png"):
+    shutil.copy(workdir / "envise" / name, out / name)
+
+
+def run_ablation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """Table 3: the margins as one vmapped program on the first scenario's adaptive phase."""
+  ec = config.envise
+  teacher, tv = _teacher(config, workdir)
+  stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
+  eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
+  scenarios = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)
+  source = stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios]
+                              if ec.adaptive_inliers_only else scenarios, **ec.stream)
+  oc = pipeline._online_config(ec.online, pipeline.STUDENT_RUNS["envise_bsn"])  # pylint: disable=protected-access
+  student = students.get_student(ec.student, stream_ds.num_classes)
+  num_steps = int(online.max_adaptive_steps(oc) or source.steps_per_scenario[0])
+  start = time.time()
+  states, metrics = ablation.train_margin_variants(
+      oc, teacher=teacher, teacher_variables=tv, student=student, stream=source,
+      margins=MARGINS, num_steps=num_steps)
+  seconds = time.time() - start
+  deployed = online.student_modules(student, oc.student_kind)[1]
+  inliers, outliers = pipeline.split_scenario(eval_ds, scenarios[0])
+  rows = []
+  for v, margin in enumerate(MARGINS):
+    variables = jax.device_get(ablation.variant({"params": states.params,
+                                                 "batch_stats": states.batch_stats}, v))
+    results, _ = evaluate_ood(deployed, variables, inliers, {"outliers": outliers},
+                              ("envise_gate",), holdout=ec.eval.holdout,
+                              seed=int(ec.eval.seed), batch_size=int(ec.eval.batch_size))
+    gate = results["detectors"]["envise_gate"]["outliers"]
+    rows.append({"margin": margin, **{k: float(gate[k]) for k in pipeline.METRICS},
+                 "student_accuracy": float(results["accuracy"]),
+                 "final_loss": float(metrics["loss"][-10:, v].mean()),
+                 "final_attention": float(metrics["attention"][-10:, v].mean())})
+  atomic_write_json(out / "ablation.json", {
+      "scenario": scenarios[0].name, "adaptive_steps": num_steps, "student": ec.student,
+      "margins": list(MARGINS), "rows": rows, "seconds": round(seconds, 1),
+      "note": "one vmapped program over the margins; final_loss / final_attention are the "
+              "means of the last 10 steps' batch means"})
+
+
+def _features(model, variables, ds, batch_size: int = 500) -> np.ndarray:
+  """[N, D] input of the head of `model` (its last layer's features) on `ds`."""
+  fn = jax.jit(lambda x: forward_with_insides(model, variables, x, which=("head",))[1].features)
+  images = data.core.normalize(ds.images, ds.mean, ds.std)
+  return map_padded(fn, images, batch_size)
+
+
+def nearest_centroid_distance(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+  """[N] Euclidean distance of each row of `features` to its nearest row of `centroids`."""
+  d2 = ((features[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # [N, C]
+  return np.sqrt(d2.min(axis=1))
+
+
+def run_separation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """Figure 4's analogue on the first scenario: PCA scatter and rank-sum p-values."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from oodjax.plots import _pyplot  # pylint: disable=g-import-not-at-top
+  ec = config.envise
+  stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
+  eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
+  scenario = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)[0]
+  train_in, _ = pipeline.split_scenario(stream_ds, scenario)
+  test_in, test_out = pipeline.split_scenario(eval_ds, scenario)
+  student = students.get_student(ec.student, stream_ds.num_classes)
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(SEPARATION_RUNS), figsize=(4 * len(SEPARATION_RUNS), 3.6))
+  rows = {}
+  for ax, run in zip(axes, SEPARATION_RUNS):
+    kind = pipeline.STUDENT_RUNS[run]["student_kind"]
+    model = online.student_modules(student, kind)[1]
+    variables = online.load_snapshot(workdir / "envise" / run, 0)
+    f_train = _features(model, variables, train_in)
+    centroids = np.stack([f_train[train_in.labels == k].mean(0)
+                          for k in np.unique(train_in.labels)])
+    f_in, f_out = _features(model, variables, test_in), _features(model, variables, test_out)
+    d_in = nearest_centroid_distance(f_in, centroids)
+    d_out = nearest_centroid_distance(f_out, centroids)
+    test = stats.ranksums(d_in, d_out)
+    rows[run] = {"label": pipeline.RUN_LABELS[run], "p_value": float(test.pvalue),
+                 "statistic": float(test.statistic),
+                 "median_distance_inliers": float(np.median(d_in)),
+                 "median_distance_outliers": float(np.median(d_out)),
+                 "feature_dim": int(f_in.shape[1])}
+    both = np.concatenate([f_in, f_out])
+    centred = both - both.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    ax.scatter(*xy[:len(f_in)].T, s=3, alpha=0.5, label="inliers")
+    ax.scatter(*xy[len(f_in):].T, s=3, alpha=0.5, label="outliers")
+    ax.set_title(f"{pipeline.RUN_LABELS[run]}\np = {test.pvalue:.2g}", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  axes[0].legend(fontsize=7, markerscale=3)
+  fig.suptitle(f"Last-layer features, scenario {scenario.name} (PCA)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out / "separation.png", dpi=110)
+  plt.close(fig)
+  atomic_write_json(out / "separation.json", {
+      "scenario": scenario.name, "num_inliers": len(test_in), "num_outliers": len(test_out),
+      "quantity": "Euclidean distance of the head's input features to the nearest inlier-class "
+                  "centroid (centroids from the scenario's inlier training images)",
+      "test": "two-sided Wilcoxon rank-sum (scipy.stats.ranksums), inliers vs outliers",
+      "runs": rows})
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="the smoke config, under runs/")
+  parser.add_argument("--workdir", default=None, help="the main run's workdir")
+  parser.add_argument("--parts", nargs="+", default=("main", "ablation", "separation"),
+                      choices=("main", "ablation", "separation"))
+  args = parser.parse_args(argv)
+  spec = CONFIG + (":quick" if args.quick else "")
+  workdir = pathlib.Path(args.workdir or ROOT / "runs" / ("envise_quick" if args.quick
+                                                         else "envise_embedded"))
+  out = workdir / "experiment" if args.quick else HERE
+  out.mkdir(parents=True, exist_ok=True)
+  config = load_config(spec)
+  for part in args.parts:
+    start = time.time()
+    if part == "main":
+      run_main(spec, workdir, out)
+    elif part == "ablation":
+      run_ablation(config, workdir, out)
+    else:
+      run_separation(config, workdir, out)
+    print(f"[experiments.envise] {part}: {time.time() - start:.0f} s", flush=True)
+  make_readme.main(["--dir", str(out)])
+
+
+if __name__ == "__main__":
+  main()
