@@ -94,12 +94,27 @@ def compare_issue8() -> str:
           "(float32 rounding).\n")
 
 
+ENVISE_BASELINE = re.compile(r"(<!-- envise:baseline -->\n)(.*?)(<!-- /envise:baseline -->)",
+                             re.DOTALL)
+
+
+def envise_baseline() -> str:
+  """The main job's ENVISE stage, from `baseline/envise.json` (its `results.json`)."""
+  path = HERE / "baseline" / "envise.json"
+  if not path.is_file():
+    return "_Not run yet: no `experiments/baseline/envise.json`._\n"
+  from oodjax.envise.pipeline import results_markdown  # pylint: disable=g-import-not-at-top
+  body = results_markdown(json.loads(path.read_text()))
+  return body.split("\n", 2)[2].replace("\n## ", "\n#### ")  # README sections own the titles
+
+
 def main(argv) -> int:
   readme = HERE / "README.md"
   text = readme.read_text()
   new = PATTERN.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
   new = COMPARE.sub(lambda m: m.group(1) + compare_baseline() + m.group(3), new)
   new = COMPARE_8.sub(lambda m: m.group(1) + compare_issue8() + m.group(3), new)
+  new = ENVISE_BASELINE.sub(lambda m: m.group(1) + envise_baseline() + m.group(3), new)
   if "--check" in argv:
     if new != text:
       print("experiments/README.md is out of date: run python -m experiments.make_readme")

@@ -131,6 +131,31 @@ def test_adaptive_step_decreases_loss_on_a_fixed_batch(setup):
   assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_pixel_mean_option_scales_the_attention_term_by_the_pixels(setup):
+  """loss.pixel_mean=False sums L_at over the K pixels of the compared maps: K times Eq. 5's
+  1/(N K) reading, for the same state and batch."""
+  from oodjax.envise.gradcam import common_size
+  from oodjax.models.insides import forward_with_insides
+  kwargs = setup["kwargs"]
+  x = batch_at(setup["stream"], 0)["image"]
+  attention = {}
+  for pixel_mean in (True, False):
+    spec = online.step_spec(run_config(loss={"pixel_mean": pixel_mean}), kwargs["student"],
+                            kwargs["teacher"])
+    state = online.create_student_state(spec, jax.random.key(3), jnp.zeros((1, 28, 28, 1)))
+    _, metrics = online.adaptive_update(spec, state, kwargs["teacher_variables"], x)
+    attention[pixel_mean] = float(metrics["attention"])
+    if pixel_mean:
+      maps = [jax.eval_shape(lambda v, m=m: forward_with_insides(
+          m, v, x, which=("feature_map",))[1].feature_map, v).shape[1:3]
+              for m, v in ((kwargs["teacher"], kwargs["teacher_variables"]),
+                           (spec.student, {"params": state.params,
+                                           "batch_stats": state.batch_stats}))]
+  h, w = common_size(*maps)
+  assert attention[True] > 0
+  assert attention[False] == pytest.approx(h * w * attention[True], rel=1e-5)
+
+
 # --- threshold and routing --------------------------------------------------------------------
 
 def test_threshold_rule_by_hand():

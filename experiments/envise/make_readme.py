@@ -7,7 +7,7 @@ here from the numbers, so the text flips when the numbers do.
   python -m experiments.envise.make_readme --dir D    # the files of another run (e.g. --quick)
 
 Inputs beside README.md: `main.json` (`oodjax.envise.pipeline.run_envise`'s results),
-`ablation.json`, `separation.json` (written by `run.py`); `discussion.md` (hand-written, no
+`ablation.json`, `pixel_sum.json`, `separation.json` (written by `run.py`); `discussion.md` (hand-written, no
 numbers) is appended when present.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _better(a: float, b: float, lower: bool) -> bool:
 
 
 def render(main: dict, ablation: dict | None, separation: dict | None,
-           discussion: str | None) -> str:
+           discussion: str | None, pixel_sum: dict | None = None) -> str:
   lines = [
       "# ENVISE on the embedded 20-class set",
       "",
@@ -196,6 +196,29 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
               f"choice, δ = 1.5, is {'the best' if best['margin'] == 1.5 else 'not the best'} "
               "here.", ""]
 
+  # --- L_at summed over pixels.
+  if pixel_sum:
+    lines += ["## L_at summed over pixels instead of Eq. 5's 1/(N K)", "",
+              "ENVISE's BSN adapted once more on the same stream with `loss.pixel_mean=False` "
+              "(λ2 L_at K times larger, K = the pixels of a map), its gate per scenario beside "
+              "the main run's (Eq. 5's 1/(N K)) and the L_d-only student's.", ""]
+    by_name = {e["scenario"]: e for e in main["per_scenario"]}
+    rows = []
+    for r in pixel_sum["rows"]:
+      e = by_name[r["scenario"]]["gates"]
+      rows.append([r["scenario"], _f(r["auroc"]), _f(e["envise_gate"]["auroc"]),
+                   _f(e["msp_gated"]["auroc"]) if "msp_gated" in e else "—",
+                   _f(r["fpr95"]), _f(e["envise_gate"]["fpr95"]),
+                   _f(r["student_accuracy"])])
+    lines += _table(["scenario", "AUROC, sum over pixels", "AUROC, 1/(NK)", "AUROC, L_d only",
+                     "FPR@95, sum", "FPR@95, 1/(NK)", "student acc., sum"], rows) + [""]
+    mean_sum = sum(r["auroc"] for r in pixel_sum["rows"]) / len(pixel_sum["rows"])
+    mean_ld = mean.get("msp_gated", {}).get("auroc")
+    if mean_ld is not None:
+      lines += [f"- With L_at summed over pixels the gate's mean AUROC is {_f(mean_sum)}, "
+                f"{'above' if mean_sum > mean_ld else 'not above'} the L_d-only student's "
+                f"{_f(mean_ld)}.", ""]
+
   # --- Separation.
   if separation:
     lines += ["## Feature-space separation (Figure 4 analogue)", "",
@@ -239,7 +262,8 @@ def main(argv=None) -> int:
     return 1
   discussion = folder / "discussion.md"
   text = render(main_json, _load(folder / "ablation.json"), _load(folder / "separation.json"),
-                discussion.read_text() if discussion.is_file() else None)
+                discussion.read_text() if discussion.is_file() else None,
+                _load(folder / "pixel_sum.json"))
   readme = folder / "README.md"
   if args.check:
     if not readme.is_file() or readme.read_text() != text:

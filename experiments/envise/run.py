@@ -11,6 +11,9 @@ Three parts, each writing a JSON file here that `make_readme.py` turns into READ
   students trained as ONE vmapped program (`oodjax.envise.ablation.train_margin_variants`) on
   the first scenario's adaptive phase (the same batches, initial weights and teacher as the
   main run's BSN), each then evaluated as the "envise_gate" row. Writes `ablation.json`.
+* `pixel_sum`: ENVISE's BSN once more with L_at summed over the pixels of a map (the issue's
+  reading, `loss.pixel_mean=False`) instead of Eq. 5's 1/(N K), its gate per scenario. Writes
+  `pixel_sum.json`.
 * `separation` (Figure 4 and its p-values): the features of each adapted student's last layer
   (the input of its head) on the first scenario's test images; the 1-D quantity tested is the
   Euclidean distance of an image's features to the nearest inlier-class centroid (centroids:
@@ -54,6 +57,7 @@ ROOT = HERE.parents[1]
 CONFIG = str(ROOT / "configs" / "envise_embedded.py")
 MARGINS = (0.5, 1.0, 1.5, 2.0, 2.5)  # Table 3
 SEPARATION_RUNS = ("envise_bsn", "envise_bsn_ld", "envise_rvsn")
+PARTS = ("main", "ablation", "pixel_sum", "separation")
 
 
 def _teacher(config, workdir: pathlib.Path):
@@ -115,6 +119,43 @@ def run_ablation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
       "margins": list(MARGINS), "rows": rows, "seconds": round(seconds, 1),
       "note": "one vmapped program over the margins; final_loss / final_attention are the "
               "means of the last 10 steps' batch means"})
+
+
+def run_pixel_sum(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """ENVISE's BSN with L_at summed over pixels (`loss.pixel_mean=False`, the issue's reading)
+  instead of Eq. 5's 1/(N K): one more online run on the same stream, its gate per scenario."""
+  ec = config.envise
+  teacher, tv = _teacher(config, workdir)
+  stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
+  eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
+  scenarios = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)
+  deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
+  adapt = (stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios],
+                              **ec.stream) if ec.adaptive_inliers_only else None)
+  oc = pipeline._online_config(  # pylint: disable=protected-access
+      ec.online, {**pipeline.STUDENT_RUNS["envise_bsn"], "loss": {"pixel_mean": False}})
+  student = students.get_student(ec.student, stream_ds.num_classes)
+  run_dir = workdir / "envise" / "envise_bsn_pixel_sum"
+  start = time.time()
+  summary = online.run_online(oc, run_dir, teacher=teacher, teacher_variables=tv,
+                              student=student, stream=deploy, adaptive_stream=adapt,
+                              progress=False)
+  seconds = time.time() - start
+  deployed = online.student_modules(student, oc.student_kind)[1]
+  rows = []
+  for index, scenario in enumerate(scenarios):
+    inliers, outliers = pipeline.split_scenario(eval_ds, scenario)
+    results, _ = evaluate_ood(deployed, online.load_snapshot(run_dir, index), inliers,
+                              {"outliers": outliers}, ("envise_gate",),
+                              holdout=ec.eval.holdout, seed=int(ec.eval.seed),
+                              batch_size=int(ec.eval.batch_size))
+    gate = results["detectors"]["envise_gate"]["outliers"]
+    s = summary["scenarios"][index]
+    rows.append({"scenario": scenario.name, **{k: float(gate[k]) for k in pipeline.METRICS},
+                 "student_accuracy": float(results["accuracy"]),
+                 "adaptive_steps": s["adaptive_steps"],
+                 "final_window_agreement": s["final_window_agreement"]})
+  atomic_write_json(out / "pixel_sum.json", {"rows": rows, "seconds": round(seconds, 1)})
 
 
 def _features(model, variables, ds, batch_size: int = 500) -> np.ndarray:
@@ -186,8 +227,7 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="the smoke config, under runs/")
   parser.add_argument("--workdir", default=None, help="the main run's workdir")
-  parser.add_argument("--parts", nargs="+", default=("main", "ablation", "separation"),
-                      choices=("main", "ablation", "separation"))
+  parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS)
   args = parser.parse_args(argv)
   spec = CONFIG + (":quick" if args.quick else "")
   workdir = pathlib.Path(args.workdir or ROOT / "runs" / ("envise_quick" if args.quick
@@ -201,6 +241,8 @@ def main(argv=None) -> None:
       run_main(spec, workdir, out)
     elif part == "ablation":
       run_ablation(config, workdir, out)
+    elif part == "pixel_sum":
+      run_pixel_sum(config, workdir, out)
     else:
       run_separation(config, workdir, out)
     print(f"[experiments.envise] {part}: {time.time() - start:.0f} s", flush=True)

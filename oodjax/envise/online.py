@@ -152,6 +152,8 @@ def online_config(**overrides) -> ml_collections.ConfigDict:
     loss.negative              "incorrect" or "second" (see `losses.hard_negative_classes`).
     loss.temperature           None: hard pseudo-labels (paper); T > 0: the soft L_d option.
     loss.batchnorm             "train" or "inference" (see the module docstring).
+    loss.pixel_mean            True: L_at scaled by 1/(N K) as Eq. 5 prints; False: summed over
+                               the K pixels (see `losses.attention_triplet_loss`).
     adaptive.max_epochs        10 (paper); with adaptive.epoch_size (images per epoch) gives
                                the cap ceil(max_epochs * epoch_size / batch_size) steps.
     adaptive.epoch_size        None: no epoch-based cap.
@@ -179,7 +181,7 @@ def online_config(**overrides) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-4})
   config.loss = ml_collections.ConfigDict({
       "lambda_d": 1.0, "lambda_at": 0.2, "margin": 1.5, "attention": "triplet",
-      "negative": "incorrect", "temperature": None, "batchnorm": "train"})
+      "negative": "incorrect", "temperature": None, "batchnorm": "train", "pixel_mean": True})
   config.adaptive = ml_collections.ConfigDict({
       "max_epochs": 10, "epoch_size": None, "max_steps": None, "window": 50,
       "target_agreement": 0.95, "min_delta": 0.005, "patience": 3, "reset_optimizer": True})
@@ -235,6 +237,7 @@ def validate_online_config(config: ml_collections.ConfigDict) -> None:
                                   and lc.temperature > 0),
        "loss.temperature", "None (hard labels) or a number > 0")
   need(lc.batchnorm in BATCHNORM_MODES, "loss.batchnorm", f"one of {BATCHNORM_MODES}")
+  need(isinstance(lc.pixel_mean, bool), "loss.pixel_mean", "a bool")
   ac = config.adaptive
   need(_is_int(ac.max_epochs) and ac.max_epochs >= 1, "adaptive.max_epochs", "an integer >= 1")
   need(ac.epoch_size is None or (_is_int(ac.epoch_size) and ac.epoch_size >= 1),
@@ -333,7 +336,8 @@ class StepSpec:
     teacher: the teacher module.
     optimizer: "adam" or "sgd".
     learning_rate: the step size.
-    margin, lambda_d, lambda_at, attention, negative, temperature: `envise_loss` options.
+    margin, lambda_d, lambda_at, attention, negative, temperature, pixel_mean: `envise_loss`
+      options.
     batchnorm: "train" or "inference".
   """
   student: nn.Module
@@ -347,6 +351,7 @@ class StepSpec:
   negative: str = "incorrect"
   temperature: float | None = None
   batchnorm: str = "train"
+  pixel_mean: bool = True
 
   def tx(self) -> optax.GradientTransformation:
     if self.optimizer == "adam":
@@ -363,7 +368,7 @@ def step_spec(config: ml_collections.ConfigDict, student: nn.Module, teacher: nn
                   margin=float(lc.margin), lambda_d=float(lc.lambda_d),
                   lambda_at=float(lc.lambda_at), attention=lc.attention, negative=lc.negative,
                   temperature=None if lc.temperature is None else float(lc.temperature),
-                  batchnorm=lc.batchnorm)
+                  batchnorm=lc.batchnorm, pixel_mean=bool(lc.pixel_mean))
 
 
 def create_student_state(spec: StepSpec, rng: jax.Array, sample_input: jax.Array,
@@ -421,7 +426,8 @@ def adaptive_loss(spec: StepSpec, params: PyTree, batch_stats: PyTree,
   per_example, aux = losses_lib.envise_loss(
       spec.student, variables, spec.teacher, teacher_variables, x, margin=spec.margin,
       lambda_d=spec.lambda_d, lambda_at=spec.lambda_at, attention=spec.attention,
-      temperature=spec.temperature, negative=spec.negative, student_logits=train_logits)
+      temperature=spec.temperature, negative=spec.negative, student_logits=train_logits,
+      pixel_mean=spec.pixel_mean)
   return per_example.mean(), (new_stats, aux)
 
 
