@@ -452,7 +452,7 @@ def fashion_animal_dataset(split: str = "train") -> ImageDataset:
   """The 20-class embedded set: Fashion-MNIST labels 0-9, Animal-MNIST labels 10-19.
 
   Train: 20,000 Fashion-MNIST + 7,000 Animal-MNIST images; test: 3,000 + 3,000 (300 per
-  class). Both splits carry the mean/std of the combined train split. Cached per process; its
+  class), in that order (a slice of the first N images holds garments only). Both splits carry the mean/std of the combined train split. Cached per process; its
   arrays are read-only.
 
   Args:

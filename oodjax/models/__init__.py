@@ -45,6 +45,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     # paper's teacher on CIFAR-100 (configs/envise_cifar.py).
     "densenet201": partial(DenseNet, stage_sizes=(6, 12, 48, 32), growth_rate=32,
                            compression=0.5),
+    # A wider small CNN: ENVISE's teacher in experiments/envise (~16.5 M MACs at 28x28x1,
+    # four times "small_cnn", so that the students cost a fraction of it as in the paper).
+    "small_cnn_wide": partial(SmallCNN, widths=(64, 128), hidden=256),
     "vgg16": VGG,
     "alexnet": AlexNet,
     # Tiny variants: same code paths (BN, projections, dropout), a few thousand parameters.
