@@ -60,16 +60,19 @@ def test_claims_follow_the_numbers():
 
 
 def test_margin_claim_follows_the_numbers():
-  rows = [{"margin": m, "fpr95": 0.5, "detection_error": 0.2, "auroc": a, "aupr_in": 0.8,
-           "aupr_out": 0.7, "student_accuracy": 0.8, "final_attention": 0.01}
-          for m, a in ((0.5, 0.6), (1.5, 0.9), (2.5, 0.7))]
-  ablation = {"scenario": "s1", "adaptive_steps": 10, "seconds": 3.0, "rows": rows}
+  def row(margin, auroc):
+    return {"margin": margin, "fpr95": 0.5, "detection_error": 0.2, "auroc": auroc,
+            "aupr_in": 0.8, "aupr_out": 0.7, "student_accuracy": 0.8, "final_attention": 0.01}
+
+  rows = [row(m, a) for m, a in ((0.5, 0.6), (1.5, 0.9), (2.5, 0.7))]
+  ablation = {"margins": [0.5, 1.5, 2.5], "seconds": 3.0, "mean_rows": rows,
+              "scenarios": [{"scenario": "s1", "adaptive_steps": 10, "rows": rows}]}
   main = _main(0.8, 0.7, 10, 20)
   assert "δ = 1.5, is the best here" in make_readme.render(main, ablation, None, None)
   flipped = copy.deepcopy(ablation)
-  flipped["rows"][0]["auroc"] = 0.95
+  flipped["mean_rows"][0]["auroc"] = 0.95
   text = make_readme.render(main, flipped, None, None)
-  assert "best AUROC is at δ = 0.5" in text and "is not the best here" in text
+  assert "best mean AUROC is at δ = 0.5" in text and "is not the best here" in text
 
 
 def test_committed_readme_is_generated_from_results():
@@ -86,10 +89,15 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
   main = json.loads((out / "main.json").read_text())
   assert [e["scenario"] for e in main["per_scenario"]] == ["zoo", "shop"]
   ablation = json.loads((out / "ablation.json").read_text())
-  assert [r["margin"] for r in ablation["rows"]] == list(run.MARGINS)
+  assert [r["margin"] for r in ablation["mean_rows"]] == list(run.MARGINS)
+  assert [e["scenario"] for e in ablation["scenarios"]] == ["zoo", "shop"]
   separation = json.loads((out / "separation.json").read_text())
   assert set(separation["runs"]) == set(run.SEPARATION_RUNS)
   assert all(0.0 <= r["p_value"] <= 1.0 for r in separation["runs"].values())
-  assert len(json.loads((out / "pixel_sum.json").read_text())["rows"]) == 2
+  variants = json.loads((out / "variants.json").read_text())
+  assert set(variants) == set(run.VARIANTS)
+  assert all(len(v["rows"]) == 2 for v in variants.values())
+  dead = json.loads((out / "dead_maps.json").read_text())
+  assert all(0.0 <= f <= 1.0 for r in dead["runs"].values() for f in r["dead"].values())
   for name in ("README.md", "figure3.png", "gradcam_overlay.png", "separation.png"):
     assert (out / name).stat().st_size > 0

@@ -53,7 +53,7 @@ def np_conv_valid(x, kernel, bias):
   return out
 
 
-def np_grad_cam(params, x, classes, head, *, kinks=False):
+def np_grad_cam(params, x, classes, head, *, kinks=False, centred=False):
   """Step-by-step Grad-CAM of TinyNet in float64: feature map, d logit / d map, weights, ReLU.
 
   With `kinks=True` also returns the smallest |pre-activation| of any ReLU on the way (the
@@ -66,6 +66,8 @@ def np_grad_cam(params, x, classes, head, *, kinks=False):
   z = np_conv_valid(h, p["conv2"]["kernel"], p["conv2"]["bias"])  # A: [B, h, w, c]
   _, fh, fw, fc = z.shape
   w_head = p["dense"]["kernel"]  # [D, K]
+  if centred:  # d (y^c - mean_k y^k) / d features = W[:, c] - mean_k W[:, k]
+    w_head = w_head - w_head.mean(axis=1, keepdims=True)
   grads = np.zeros_like(z)
   for b in range(len(x)):
     c = classes[b]
@@ -128,6 +130,37 @@ def test_grad_cam_matches_step_by_step_reference(head):
   maps = jit_grad_cam(model, variables, x, classes)
   unit = np.sqrt(2.0) * ref / np.linalg.norm(ref, axis=(1, 2), keepdims=True)
   np.testing.assert_allclose(maps, unit, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["mean", "flatten"])
+def test_centred_target_matches_its_reference(head):
+  model, variables, x = tiny(head, seed=2)
+  classes = np.array([2, 0, 3], np.int32)
+  ref = np_grad_cam(variables["params"], x, classes, head, centred=True)
+  raw = jax.jit(lambda v, x: gradcam.grad_cam(model, v, x, classes, normalize=False,
+                                              target="centred"))(variables, x)
+  np.testing.assert_allclose(raw, ref, rtol=1e-5, atol=1e-6 * max(np.abs(ref).max(), 1e-30))
+
+
+def test_centred_target_ignores_a_shift_common_to_all_classes():
+  """Shifting every class's head weights by -10 changes no softmax, changes the Grad-CAM maps of
+  the logit (on a non-negative feature map, as a zoo model's after its ReLU, it would make
+  alpha < 0 and every map zero), and leaves the centred maps unchanged."""
+  model, variables, x = tiny("mean", seed=3)
+  shifted = jax.tree.map(lambda a: a, variables)
+  shifted["params"]["dense"]["kernel"] = variables["params"]["dense"]["kernel"] - 10.0
+  classes = np.array([1, 2, 3], np.int32)
+
+  def cams(v, target):
+    return np.asarray(gradcam.grad_cam(model, v, x, classes, normalize=False, target=target))
+
+  probs = [jax.nn.softmax(model.apply(v, x)) for v in (variables, shifted)]
+  np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)  # the shift is invisible to L_d
+  assert not np.allclose(cams(shifted, "logit"), cams(variables, "logit"), atol=1e-3)
+  np.testing.assert_allclose(cams(shifted, "centred"), cams(variables, "centred"), rtol=1e-4,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="target"):
+    gradcam.grad_cam(model, variables, x, classes, target="softmax")
 
 
 def test_squared_distances_are_four_times_one_minus_cosine():

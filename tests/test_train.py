@@ -299,3 +299,18 @@ def test_relative_workdir(reference_run, tmp_path, monkeypatch):
                                     train_ds=tiny_dataset(), progress=False)
   assert summary["step"] == 18 and (tmp_path / "runs/relative/checkpoints/18").is_dir()
   _assert_trees_equal(_params(state), params)
+
+
+def test_saves_without_metrics_do_not_log_orbax_tracked_metric_warnings(tmp_path, caplog):
+  """Steps between evaluations are saved without metrics on purpose: Orbax's warning about it
+  is filtered out (it used to print once per save in the main job's output)."""
+  from oodjax.train import checkpoint as ckpt
+  manager = ckpt.make_checkpoint_manager(tmp_path / "ck", every_steps=1, keep=2,
+                                         async_save=False)
+  try:
+    for step in (1, 2):
+      ckpt.save_checkpoint(manager, step, {"w": jnp.ones(3)}, jax.random.key(0), {"step": step})
+    ckpt.wait_until_finished(manager)
+  finally:
+    ckpt.close_checkpoint_manager(manager)
+  assert not [r for r in caplog.records if "did not provide metrics" in r.getMessage()]

@@ -7,7 +7,7 @@ here from the numbers, so the text flips when the numbers do.
   python -m experiments.envise.make_readme --dir D    # the files of another run (e.g. --quick)
 
 Inputs beside README.md: `main.json` (`oodjax.envise.pipeline.run_envise`'s results),
-`ablation.json`, `pixel_sum.json`, `separation.json` (written by `run.py`); `discussion.md` (hand-written, no
+`ablation.json`, `variants.json`, `dead_maps.json`, `separation.json` (written by `run.py`); `discussion.md` (hand-written, no
 numbers) is appended when present.
 """
 from __future__ import annotations
@@ -38,6 +38,11 @@ def _f(x, digits: int = 3) -> str:
   return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _p(p: float) -> str:
+  """A p-value; one below the smallest double prints as such, not as 0."""
+  return "< 1e-300" if p < 1e-300 else f"{p:.3g}"
+
+
 def _table(header, rows) -> list[str]:
   out = ["| " + " | ".join(header) + " |",
          "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
@@ -54,7 +59,8 @@ def _better(a: float, b: float, lower: bool) -> bool:
 
 
 def render(main: dict, ablation: dict | None, separation: dict | None,
-           discussion: str | None, pixel_sum: dict | None = None) -> str:
+           discussion: str | None, variants: dict | None = None,
+           dead_maps: dict | None = None) -> str:
   lines = [
       "# ENVISE on the embedded 20-class set",
       "",
@@ -172,7 +178,7 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
   lines += ["", "The paper's architectures: " + ", ".join(
       f"{k} {v} MFLOPs" for k, v in main["paper_mflops"].items()) + ".", ""]
   rows = [[labels[g], _f(mean[g]["gie_at_tpr95"])] for g in gates]
-  lines += _table(["gate", "mean GiE@TPR95"], rows) + [""]
+  lines += _table(["gate", "mean GiE@TPR95"], rows) + ["", "![GiE per scenario](gie.png)", ""]
   online_gie = {}
   for r in runs:
     values = [e["online"][r].get("gie_online") for e in main["per_scenario"]]
@@ -187,41 +193,65 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
 
   # --- Margin ablation.
   if ablation:
+    names = [e["scenario"] for e in ablation["scenarios"]]
     lines += ["## Margin ablation (Table 3 analogue)", "",
-              f"Five binary students, one per margin δ, trained as one vmapped program on the "
-              f"first {ablation['adaptive_steps']} adaptive steps of scenario "
-              f"{ablation['scenario']} ({ablation['seconds']:.0f} s for all five), each "
-              "evaluated as ENVISE's gate.", ""]
+              "Per scenario, five binary students, one per margin δ, trained as one vmapped "
+              "program on the scenario's adaptive steps from the same initial weights "
+              f"({ablation['seconds']:.0f} s for all scenarios), each evaluated as ENVISE's "
+              "gate; means over the scenarios, then the AUROC per scenario.", ""]
     rows = [[r["margin"], *(_f(r[k]) for k in METRICS), _f(r["student_accuracy"]),
-             _f(r["final_attention"], 4)] for r in ablation["rows"]]
+             _f(r["final_attention"], 4)] for r in ablation["mean_rows"]]
     lines += _table(["δ", *METRIC_NAMES, "student acc.", "L_at (last 10 steps)"], rows) + [""]
-    best = max(ablation["rows"], key=lambda r: r["auroc"])
-    lines += [f"- The best AUROC is at δ = {best['margin']} ({_f(best['auroc'])}); the paper's "
-              f"choice, δ = 1.5, is {'the best' if best['margin'] == 1.5 else 'not the best'} "
-              "here.", ""]
+    rows = [[m, *(_f(e["rows"][v]["auroc"]) for e in ablation["scenarios"])]
+            for v, m in enumerate(ablation["margins"])]
+    lines += _table(["δ", *(f"AUROC, {n}" for n in names)], rows) + [""]
+    best = max(ablation["mean_rows"], key=lambda r: r["auroc"])
+    worst = min(ablation["mean_rows"], key=lambda r: r["auroc"])
+    lines += [f"- The best mean AUROC is at δ = {best['margin']} ({_f(best['auroc'])}; the worst "
+              f"{_f(worst['auroc'])} at δ = {worst['margin']}); the paper's choice, δ = 1.5, is "
+              f"{'the best' if best['margin'] == 1.5 else 'not the best'} here.", ""]
 
-  # --- L_at summed over pixels.
-  if pixel_sum:
-    lines += ["## L_at summed over pixels instead of Eq. 5's 1/(N K)", "",
-              "ENVISE's BSN adapted once more on the same stream with `loss.pixel_mean=False` "
-              "(λ2 L_at K times larger, K = the pixels of a map), its gate per scenario beside "
-              "the main run's (Eq. 5's 1/(N K)) and the L_d-only student's.", ""]
-    by_name = {e["scenario"]: e for e in main["per_scenario"]}
+  # --- Variants of L_at.
+  if variants:
+    lines += ["## Variants of L_at", "",
+              "ENVISE's BSN adapted once more per variant, on the same stream from the same "
+              "initial weights; the gate's AUROC per scenario beside the main run's ENVISE "
+              "(Eq. 5 as printed: 1/(N K), Grad-CAM of the logit) and the L_d-only student.", ""]
+    names = list(variants)
     rows = []
-    for r in pixel_sum["rows"]:
-      e = by_name[r["scenario"]]["gates"]
-      rows.append([r["scenario"], _f(r["auroc"]), _f(e["envise_gate"]["auroc"]),
-                   _f(e["msp_gated"]["auroc"]) if "msp_gated" in e else "—",
-                   _f(r["fpr95"]), _f(e["envise_gate"]["fpr95"]),
-                   _f(r["student_accuracy"])])
-    lines += _table(["scenario", "AUROC, sum over pixels", "AUROC, 1/(NK)", "AUROC, L_d only",
-                     "FPR@95, sum", "FPR@95, 1/(NK)", "student acc., sum"], rows) + [""]
-    mean_sum = sum(r["auroc"] for r in pixel_sum["rows"]) / len(pixel_sum["rows"])
+    for i, e in enumerate(main["per_scenario"]):
+      g = e["gates"]
+      rows.append([e["scenario"], _f(g["envise_gate"]["auroc"]),
+                   _f(g["msp_gated"]["auroc"]) if "msp_gated" in g else "—",
+                   *(_f(variants[n]["rows"][i]["auroc"]) for n in names)])
     mean_ld = mean.get("msp_gated", {}).get("auroc")
+    means_v = {n: sum(r["auroc"] for r in variants[n]["rows"]) / len(variants[n]["rows"])
+               for n in names}
+    rows.append(["**mean**", _f(mean["envise_gate"]["auroc"]), _f(mean_ld),
+                 *(_f(means_v[n]) for n in names)])
+    lines += _table(["scenario", "ENVISE (main run)", "L_d only",
+                     *(variants[n]["label"] for n in names)], rows) + [""]
     if mean_ld is not None:
-      lines += [f"- With L_at summed over pixels the gate's mean AUROC is {_f(mean_sum)}, "
-                f"{'above' if mean_sum > mean_ld else 'not above'} the L_d-only student's "
-                f"{_f(mean_ld)}.", ""]
+      for n in names:
+        lines.append(f"- {variants[n]['label']}: mean AUROC {_f(means_v[n])}, "
+                     f"{'above' if means_v[n] > mean_ld else 'not above'} the L_d-only "
+                     f"student's {_f(mean_ld)}.")
+      lines.append("")
+
+  # --- Dead maps.
+  if dead_maps:
+    lines += ["## Dead Grad-CAM maps", "",
+              "Share of each scenario's test images (inliers and outliers) whose student "
+              "Grad-CAM map for its predicted class is zero everywhere (ReLU of a non-positive "
+              "sum): such a map passes no gradient to L_at (`oodjax.envise.gradcam`, \"Dead "
+              f"maps\"). At the initial weights: {_f(dead_maps['initial_weights'])}.", ""]
+    runs_d = dead_maps["runs"]
+    scen = list(next(iter(runs_d.values()))["dead"]) if runs_d else []
+    label = {**main["runs"], **{f"envise_bsn_{n}": v["label"]
+                                for n, v in (variants or {}).items()}}
+    rows = [[label.get(r, r), v["target"], *(_f(v["dead"][s]) for s in scen)]
+            for r, v in runs_d.items()]
+    lines += _table(["student", "Grad-CAM target", *scen], rows) + [""]
 
   # --- Separation.
   if separation:
@@ -230,7 +260,7 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
               f"Scenario {separation['scenario']}: {separation['quantity']}; "
               f"{separation['test']}. Lower p = better separated, as in the paper's Figure 4.",
               ""]
-    rows = [[v["label"], f"{v['p_value']:.3g}", _f(v["distance_auroc"]),
+    rows = [[v["label"], _p(v["p_value"]), _f(v["distance_auroc"]),
              _f(v["median_distance_inliers"]), _f(v["median_distance_outliers"])]
             for v in separation["runs"].values()]
     lines += _table(["student", "p-value", "AUROC of the distance", "median distance, inliers",
@@ -242,7 +272,7 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
                 f"outliers better in feature space: AUROC of the distance "
                 f"{_f(sep['envise_bsn']['distance_auroc'])} with it, "
                 f"{_f(sep['envise_bsn_ld']['distance_auroc'])} without; p = "
-                f"{sep['envise_bsn']['p_value']:.3g} and {sep['envise_bsn_ld']['p_value']:.3g} "
+                f"{_p(sep['envise_bsn']['p_value'])} and {_p(sep['envise_bsn_ld']['p_value'])} "
                 "(the paper: p = 0.016 for ENVISE, 0.21 or more for the baselines but OECC; "
                 "with thousands of test images any shift gives a tiny p).", ""]
 
@@ -258,6 +288,27 @@ def render(main: dict, ablation: dict | None, separation: dict | None,
   return "\n".join(lines)
 
 
+def plot_gie(main: dict, out_png: pathlib.Path) -> None:
+  """Figure 5's analogue: GiE@TPR95 per scenario, one bar per gate."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from oodjax.plots import _pyplot  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
+  scenarios = [e["scenario"] for e in main["per_scenario"]]
+  gates = list(main["means"]["gates"])
+  fig, ax = plt.subplots(figsize=(7, 3.2))
+  width = 0.8 / max(len(gates), 1)
+  for i, gate in enumerate(gates):
+    values = [e["gates"][gate]["gie_at_tpr95"] or 0.0 for e in main["per_scenario"]]
+    ax.bar(np.arange(len(scenarios)) + (i - (len(gates) - 1) / 2) * width, values, width,
+           label=main["per_scenario"][0]["gates"][gate]["label"])
+  ax.set_xticks(np.arange(len(scenarios)), scenarios)
+  ax.set(ylabel="GiE (Eq. 8), gate at 95% TPR", title="Gain in efficiency per scenario")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--dir", default=str(HERE), help="folder with the JSON files")
@@ -271,7 +322,7 @@ def main(argv=None) -> int:
   discussion = folder / "discussion.md"
   text = render(main_json, _load(folder / "ablation.json"), _load(folder / "separation.json"),
                 discussion.read_text() if discussion.is_file() else None,
-                _load(folder / "pixel_sum.json"))
+                _load(folder / "variants.json"), _load(folder / "dead_maps.json"))
   readme = folder / "README.md"
   if args.check:
     if not readme.is_file() or readme.read_text() != text:
@@ -279,7 +330,8 @@ def main(argv=None) -> int:
       return 1
     return 0
   readme.write_text(text)
-  print(f"wrote {readme}")
+  plot_gie(main_json, folder / "gie.png")
+  print(f"wrote {readme} and gie.png")
   return 0
 
 

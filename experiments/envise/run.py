@@ -9,11 +9,14 @@ Three parts, each writing a JSON file here that `make_readme.py` turns into READ
   `figure3.png` and `gradcam_overlay.png` here.
 * `ablation` (Table 3): the margin delta of L_at in {0.5, 1.0, 1.5, 2.0, 2.5}, five binary
   students trained as ONE vmapped program (`oodjax.envise.ablation.train_margin_variants`) on
-  the first scenario's adaptive phase (the same batches, initial weights and teacher as the
-  main run's BSN), each then evaluated as the "envise_gate" row. Writes `ablation.json`.
-* `pixel_sum`: ENVISE's BSN once more with L_at summed over the pixels of a map (the issue's
-  reading, `loss.pixel_mean=False`) instead of Eq. 5's 1/(N K), its gate per scenario. Writes
-  `pixel_sum.json`.
+  each scenario's adaptive phase (the same batches, initial weights and teacher for the five),
+  each then evaluated as the "envise_gate" row on the scenario. Writes `ablation.json`.
+* `variants`: ENVISE's BSN once more per variant of L_at (`VARIANTS`): summed over the pixels
+  of a map (the issue's reading, `loss.pixel_mean=False`) instead of Eq. 5's 1/(N K), and with
+  Grad-CAM of the centred logit (`loss.cam_target="centred"`, see `oodjax.envise.gradcam`,
+  "Dead maps"); each one's gate per scenario. Writes `variants.json`.
+* `dead_maps`: the share of test images whose student Grad-CAM map is zero everywhere, per
+  student and scenario (such a map passes no gradient to L_at). Writes `dead_maps.json`.
 * `separation` (Figure 4 and its p-values): the features of each adapted student's last layer
   (the input of its head) on the first scenario's test images; the 1-D quantity tested is the
   Euclidean distance of an image's features to the nearest inlier-class centroid (centroids:
@@ -37,6 +40,7 @@ teacher and the online runs from their checkpoints).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import shutil
 import time
@@ -59,7 +63,14 @@ ROOT = HERE.parents[1]
 CONFIG = str(ROOT / "configs" / "envise_embedded.py")
 MARGINS = (0.5, 1.0, 1.5, 2.0, 2.5)  # Table 3
 SEPARATION_RUNS = ("envise_bsn", "envise_bsn_ld", "envise_rvsn")
-PARTS = ("main", "ablation", "pixel_sum", "separation")
+PARTS = ("main", "ablation", "variants", "dead_maps", "separation")
+# Variants of ENVISE's BSN: (label, overrides of envise.online).
+VARIANTS = {
+    "pixel_sum": ("L_at summed over pixels (loss.pixel_mean=False)",
+                  {"loss": {"pixel_mean": False}}),
+    "centred": ("Grad-CAM of y^c - mean_k y^k (loss.cam_target='centred')",
+                {"loss": {"cam_target": "centred"}}),
+}
 
 
 def _teacher(config, workdir: pathlib.Path):
@@ -86,7 +97,13 @@ def run_main(config_spec: str, workdir: pathlib.Path, out: pathlib.Path) -> None
 
 
 def run_ablation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
-  """Table 3: the margins as one vmapped program on the first scenario's adaptive phase."""
+  """Table 3: the margins as one vmapped program, on each scenario's adaptive phase.
+
+  For every scenario, five students start from the same initial weights (the config's seed:
+  not the main run's weights carried over from the previous scenarios) and train on that
+  scenario's adaptive steps, as one program; each is then evaluated as ENVISE's gate on the
+  scenario's test images.
+  """
   ec = config.envise
   teacher, tv = _teacher(config, workdir)
   stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
@@ -96,68 +113,134 @@ def run_ablation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
                               if ec.adaptive_inliers_only else scenarios, **ec.stream)
   oc = pipeline._online_config(ec.online, pipeline.STUDENT_RUNS["envise_bsn"])  # pylint: disable=protected-access
   student = students.get_student(ec.student, stream_ds.num_classes)
-  num_steps = int(online.max_adaptive_steps(oc) or source.steps_per_scenario[0])
-  start = time.time()
-  states, metrics = ablation.train_margin_variants(
-      oc, teacher=teacher, teacher_variables=tv, student=student, stream=source,
-      margins=MARGINS, num_steps=num_steps)
-  seconds = time.time() - start
   deployed = online.student_modules(student, oc.student_kind)[1]
-  inliers, outliers = pipeline.split_scenario(eval_ds, scenarios[0])
-  rows = []
-  for v, margin in enumerate(MARGINS):
-    variables = jax.device_get(ablation.variant({"params": states.params,
-                                                 "batch_stats": states.batch_stats}, v))
-    results, _ = evaluate_ood(deployed, variables, inliers, {"outliers": outliers},
-                              ("envise_gate",), holdout=ec.eval.holdout,
-                              seed=int(ec.eval.seed), batch_size=int(ec.eval.batch_size))
-    gate = results["detectors"]["envise_gate"]["outliers"]
-    rows.append({"margin": margin, **{k: float(gate[k]) for k in pipeline.METRICS},
-                 "student_accuracy": float(results["accuracy"]),
-                 "final_loss": float(metrics["loss"][-10:, v].mean()),
-                 "final_attention": float(metrics["attention"][-10:, v].mean())})
+  start = time.time()
+  per_scenario = []
+  for index, scenario in enumerate(scenarios):
+    num_steps = min(int(online.max_adaptive_steps(oc) or source.steps_per_scenario[index]),
+                    source.steps_per_scenario[index])
+    states, metrics = ablation.train_margin_variants(
+        oc, teacher=teacher, teacher_variables=tv, student=student, stream=source,
+        margins=MARGINS, num_steps=num_steps, start_step=source.first_step(index))
+    inliers, outliers = pipeline.split_scenario(eval_ds, scenario)
+    rows = []
+    for v, margin in enumerate(MARGINS):
+      variables = jax.device_get(ablation.variant({"params": states.params,
+                                                   "batch_stats": states.batch_stats}, v))
+      results, _ = evaluate_ood(deployed, variables, inliers, {"outliers": outliers},
+                                ("envise_gate",), holdout=ec.eval.holdout,
+                                seed=int(ec.eval.seed), batch_size=int(ec.eval.batch_size))
+      gate = results["detectors"]["envise_gate"]["outliers"]
+      rows.append({"margin": margin, **{k: float(gate[k]) for k in pipeline.METRICS},
+                   "student_accuracy": float(results["accuracy"]),
+                   "final_loss": float(metrics["loss"][-10:, v].mean()),
+                   "final_attention": float(metrics["attention"][-10:, v].mean())})
+    per_scenario.append({"scenario": scenario.name, "adaptive_steps": num_steps, "rows": rows})
+  seconds = time.time() - start
+  keys = (*pipeline.METRICS, "student_accuracy", "final_attention")
+  mean_rows = [{"margin": margin, **{k: float(np.mean([e["rows"][v][k] for e in per_scenario]))
+                                     for k in keys}}
+               for v, margin in enumerate(MARGINS)]
   atomic_write_json(out / "ablation.json", {
-      "scenario": scenarios[0].name, "adaptive_steps": num_steps, "student": ec.student,
-      "margins": list(MARGINS), "rows": rows, "seconds": round(seconds, 1),
-      "note": "one vmapped program over the margins; final_loss / final_attention are the "
-              "means of the last 10 steps' batch means"})
+      "student": ec.student, "margins": list(MARGINS), "scenarios": per_scenario,
+      "mean_rows": mean_rows, "seconds": round(seconds, 1),
+      "note": "per scenario, one vmapped program over the margins from the same initial "
+              "weights; final_loss / final_attention are the means of the last 10 steps' "
+              "batch means"})
 
 
-def run_pixel_sum(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
-  """ENVISE's BSN with L_at summed over pixels (`loss.pixel_mean=False`, the issue's reading)
-  instead of Eq. 5's 1/(N K): one more online run on the same stream, its gate per scenario."""
+def _scenario_streams(config):
+  """(stream dataset, eval dataset, scenarios, deployment stream, adaptive stream or None)."""
   ec = config.envise
-  teacher, tv = _teacher(config, workdir)
   stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
   eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
   scenarios = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)
   deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
   adapt = (stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios],
                               **ec.stream) if ec.adaptive_inliers_only else None)
-  oc = pipeline._online_config(  # pylint: disable=protected-access
-      ec.online, {**pipeline.STUDENT_RUNS["envise_bsn"], "loss": {"pixel_mean": False}})
+  return stream_ds, eval_ds, scenarios, deploy, adapt
+
+
+def run_variants(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """ENVISE's BSN once more per variant of L_at (`VARIANTS`), on the same stream from the same
+  initial weights as the main run; each variant's gate per scenario."""
+  ec = config.envise
+  teacher, tv = _teacher(config, workdir)
+  stream_ds, eval_ds, scenarios, deploy, adapt = _scenario_streams(config)
   student = students.get_student(ec.student, stream_ds.num_classes)
-  run_dir = workdir / "envise" / "envise_bsn_pixel_sum"
-  start = time.time()
-  summary = online.run_online(oc, run_dir, teacher=teacher, teacher_variables=tv,
-                              student=student, stream=deploy, adaptive_stream=adapt,
-                              progress=False)
-  seconds = time.time() - start
-  deployed = online.student_modules(student, oc.student_kind)[1]
-  rows = []
-  for index, scenario in enumerate(scenarios):
-    inliers, outliers = pipeline.split_scenario(eval_ds, scenario)
-    results, _ = evaluate_ood(deployed, online.load_snapshot(run_dir, index), inliers,
-                              {"outliers": outliers}, ("envise_gate",),
-                              holdout=ec.eval.holdout, seed=int(ec.eval.seed),
-                              batch_size=int(ec.eval.batch_size))
-    gate = results["detectors"]["envise_gate"]["outliers"]
-    s = summary["scenarios"][index]
-    rows.append({"scenario": scenario.name, **{k: float(gate[k]) for k in pipeline.METRICS},
-                 "student_accuracy": float(results["accuracy"]),
-                 "adaptive_steps": s["adaptive_steps"],
-                 "final_window_agreement": s["final_window_agreement"]})
-  atomic_write_json(out / "pixel_sum.json", {"rows": rows, "seconds": round(seconds, 1)})
+  results_by_variant = {}
+  for name, (label, overrides) in VARIANTS.items():
+    oc = pipeline._online_config(  # pylint: disable=protected-access
+        ec.online, {**pipeline.STUDENT_RUNS["envise_bsn"], **overrides})
+    run_dir = workdir / "envise" / f"envise_bsn_{name}"
+    start = time.time()
+    summary = online.run_online(oc, run_dir, teacher=teacher, teacher_variables=tv,
+                                student=student, stream=deploy, adaptive_stream=adapt,
+                                progress=False)
+    seconds = time.time() - start
+    deployed = online.student_modules(student, oc.student_kind)[1]
+    rows = []
+    for index, scenario in enumerate(scenarios):
+      inliers, outliers = pipeline.split_scenario(eval_ds, scenario)
+      results, _ = evaluate_ood(deployed, online.load_snapshot(run_dir, index), inliers,
+                                {"outliers": outliers}, ("envise_gate",),
+                                holdout=ec.eval.holdout, seed=int(ec.eval.seed),
+                                batch_size=int(ec.eval.batch_size))
+      gate = results["detectors"]["envise_gate"]["outliers"]
+      s = summary["scenarios"][index]
+      rows.append({"scenario": scenario.name, **{k: float(gate[k]) for k in pipeline.METRICS},
+                   "student_accuracy": float(results["accuracy"]),
+                   "adaptive_steps": s["adaptive_steps"],
+                   "final_window_agreement": s["final_window_agreement"]})
+    results_by_variant[name] = {"label": label, "overrides": overrides, "rows": rows,
+                                "seconds": round(seconds, 1)}
+  atomic_write_json(out / "variants.json", results_by_variant)
+
+
+def dead_fraction(model, variables, ds, target: str, batch_size: int = 500) -> float:
+  """Share of `ds`'s images whose Grad-CAM map (for the model's predicted class, with
+  `target`) is zero everywhere: an all-zero map passes no gradient to L_at."""
+  from oodjax.envise import gradcam  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def dead(x):
+    logits, cam = gradcam.logits_and_cam(model, variables, x, target=target)
+    return jax.numpy.all(cam(logits.argmax(-1)) <= 0, axis=(1, 2))  # [B]
+
+  images = data.core.normalize(ds.images, ds.mean, ds.std)
+  return float(np.mean(map_padded(dead, images, batch_size)))
+
+
+def run_dead_maps(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
+  """Share of all-zero student Grad-CAM maps per run and scenario (the deployed snapshot, the
+  scenario's test images), with the target each run was trained with."""
+  ec = config.envise
+  stream_ds, eval_ds, scenarios, _, _ = _scenario_streams(config)
+  student = students.get_student(ec.student, stream_ds.num_classes)
+  runs = {run: (pipeline.STUDENT_RUNS[run]["student_kind"], "logit") for run in SEPARATION_RUNS}
+  for name, (_, overrides) in VARIANTS.items():
+    runs[f"envise_bsn_{name}"] = ("bsn", overrides.get("loss", {}).get("cam_target", "logit"))
+  table = {}
+  for run, (kind, target) in runs.items():
+    run_dir = workdir / "envise" / run
+    if not (run_dir / online.SNAPSHOT_DIR).is_dir():
+      continue
+    model = online.student_modules(student, kind)[1]
+    per = {}
+    for index, scenario in enumerate(scenarios):
+      test_in, test_out = pipeline.split_scenario(eval_ds, scenario)
+      both = dataclasses.replace(test_in,  # the scenario's inlier and outlier test images
+                                 images=np.concatenate([test_in.images, test_out.images]),
+                                 labels=np.concatenate([test_in.labels, test_out.labels]))
+      per[scenario.name] = dead_fraction(model, online.load_snapshot(run_dir, index), both,
+                                         target)
+    table[run] = {"target": target, "dead": per}
+  init = student.init(jax.random.key(int(ec.online.seed)),
+                      np.zeros((1, *eval_ds.image_shape), np.float32))
+  atomic_write_json(out / "dead_maps.json", {
+      "initial_weights": dead_fraction(online.student_modules(student, "bsn")[1], init,
+                                       eval_ds, "logit"),
+      "runs": table})
 
 
 def _features(model, variables, ds, batch_size: int = 500) -> np.ndarray:
@@ -245,8 +328,10 @@ def main(argv=None) -> None:
       run_main(spec, workdir, out)
     elif part == "ablation":
       run_ablation(config, workdir, out)
-    elif part == "pixel_sum":
-      run_pixel_sum(config, workdir, out)
+    elif part == "variants":
+      run_variants(config, workdir, out)
+    elif part == "dead_maps":
+      run_dead_maps(config, workdir, out)
     else:
       run_separation(config, workdir, out)
     print(f"[experiments.envise] {part}: {time.time() - start:.0f} s", flush=True)

@@ -46,6 +46,16 @@ An all-zero map (ReLU of a non-positive sum everywhere) has no direction; it sta
 (`normalize_maps` divides by sqrt(||m||^2 + eps)), so its squared distance to any normalised map
 is 2, and neither values nor gradients are NaN.
 
+Dead maps, and the "centred" target. Softmax, hence L_d, cannot see a shift of every class's
+logit by the same amount: the mean over classes of the head's weights is left to drift. Grad-CAM
+differentiates the raw logit y^c, so that drift enters every class's channel weights alpha_k. A
+student whose head ends with mostly negative weights on its (non-negative) last feature map gets
+alpha_k < 0 for all k and an all-zero map for every class, and since ReLU passes no gradient
+there, L_at cannot revive it. It happens in our experiments (experiments/envise: most of the
+adapted students' maps are all zero after the first scenario). `target="centred"`
+differentiates y^c - mean_k y^k instead, which softmax does see (log-softmax differs from it by a
+term common to all classes), so the drift cancels; "logit" (default) is Grad-CAM and the paper.
+
 Resizing. Teacher and student maps of different sizes are compared at the *finer* of the two
 grids (`common_size`: the larger height and the larger width): the coarser map is upsampled
 bilinearly, as Grad-CAM upsamples its map to the image, so no detail of the finer map is thrown
@@ -79,6 +89,8 @@ MAP_NORM = math.sqrt(2.0)
 NORM_EPS = 1e-24
 
 CamFn = Callable[[jax.Array], jax.Array]
+# What Grad-CAM differentiates for class c: the logit y^c, or y^c - mean_k y^k (see above).
+TARGETS = ("logit", "centred")
 
 
 def as_module(model: Any) -> nn.Module:
@@ -166,14 +178,16 @@ def _check_class_index(class_index: jax.Array, batch: int, num_classes: int) -> 
   return class_index
 
 
-def logits_and_cam(model: Any, variables: Mapping[str, Any], x: jax.Array
-                   ) -> tuple[jax.Array, CamFn]:
+def logits_and_cam(model: Any, variables: Mapping[str, Any], x: jax.Array, *,
+                   target: str = "logit") -> tuple[jax.Array, CamFn]:
   """One inference-mode forward pass, and a function giving raw Grad-CAM maps for any classes.
 
   Args:
     model: a Linen classifier with a rank-4 feature map (see `as_module`).
     variables: {"params": ..., "batch_stats": ...}.
     x: [B, H, W, C] normalised inputs.
+    target: what is differentiated for class c: "logit", y^c (Grad-CAM, Selvaraju et al.,
+      and ENVISE), or "centred", y^c - mean_k y^k (see `TARGETS`).
 
   Returns:
     logits: [B, K] equal to `model.apply(variables, x, train=False)`.
@@ -186,6 +200,8 @@ def logits_and_cam(model: Any, variables: Mapping[str, Any], x: jax.Array
       a class_index of the wrong dtype or shape, or (when concrete) out of range.
   """
   _check_inputs(x)
+  if target not in TARGETS:
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
   module = as_module(model)
   name, shape = _feature_map_info(module, variables, x)
 
@@ -200,6 +216,8 @@ def logits_and_cam(model: Any, variables: Mapping[str, Any], x: jax.Array
 
   def cam_one(class_index):  # [B] -> [B, h, w]
     cotangent = jax.nn.one_hot(class_index, num_classes, dtype=logits.dtype)  # [B, K]
+    if target == "centred":  # d (y^c - mean_k y^k) = e_c - 1/K
+      cotangent = cotangent - 1.0 / num_classes
     (grad,) = vjp_fn(cotangent)  # [B, h, w, C]
     return cam_from_gradient(feature_map, grad)
 
@@ -273,7 +291,7 @@ def resize_maps(maps: jax.Array, size: Sequence[int]) -> jax.Array:
 
 def grad_cam(model: Any, variables: Mapping[str, Any], x: jax.Array, class_index: jax.Array,
              *, size: Sequence[int] | None = None, normalize: bool = True,
-             map_norm=MAP_NORM) -> jax.Array:
+             map_norm=MAP_NORM, target: str = "logit") -> jax.Array:
   """Grad-CAM maps of the given classes, resized and normalised per map.
 
   Args:
@@ -286,6 +304,7 @@ def grad_cam(model: Any, variables: Mapping[str, Any], x: jax.Array, class_index
     normalize: scale each map to l2 norm `map_norm` (see the module docstring); False gives
       the raw ReLU(sum_k alpha_k A^k).
     map_norm: the norm of a normalised map (default sqrt(2)).
+    target: "logit" (default) or "centred" (see `logits_and_cam`).
 
   Returns:
     [B, h, w] for a [B] class_index, [B, n, h, w] for [B, n] (h, w = size when given).
@@ -296,7 +315,7 @@ def grad_cam(model: Any, variables: Mapping[str, Any], x: jax.Array, class_index
   References:
     Selvaraju et al. 2017, Eqs. 1-2; ENVISE Sec. 3 (maps of the predicted class).
   """
-  _, cam = logits_and_cam(model, variables, x)
+  _, cam = logits_and_cam(model, variables, x, target=target)
   maps = cam(class_index)
   if size is not None:
     maps = resize_maps(maps, size)

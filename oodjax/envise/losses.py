@@ -223,6 +223,7 @@ def envise_loss(
     student_logits: jax.Array | None = None,
     pixel_mean: bool = True,
     map_norm=gradcam.MAP_NORM,
+    cam_target: str = "logit",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """L_f = lambda1 L_d + lambda2 L_at (Eq. 6), per example, from the two networks.
 
@@ -251,6 +252,8 @@ def envise_loss(
     student_logits: [B, K] optional training-mode logits of the student.
     pixel_mean: the 1/K of Eq. 5 (see `attention_triplet_loss`).
     map_norm: l2 norm of the normalised maps (see `oodjax.envise.gradcam`).
+    cam_target: what Grad-CAM differentiates, for both networks: "logit" (the paper) or
+      "centred" (y^c - mean_k y^k; see `oodjax.envise.gradcam`, "Dead maps").
 
   Returns:
     loss: [B] lambda1 L_d + lambda2 L_attention per example; its mean is L_f.
@@ -274,8 +277,10 @@ def envise_loss(
     teacher_logits = inference_apply(gradcam.as_module(teacher))(teacher_variables, x)
     inference_logits = inference_apply(gradcam.as_module(student))(student_variables, x)
   else:
-    teacher_logits, teacher_cam = gradcam.logits_and_cam(teacher, teacher_variables, x)
-    inference_logits, student_cam = gradcam.logits_and_cam(student, student_variables, x)
+    teacher_logits, teacher_cam = gradcam.logits_and_cam(teacher, teacher_variables, x,
+                                                         target=cam_target)
+    inference_logits, student_cam = gradcam.logits_and_cam(student, student_variables, x,
+                                                           target=cam_target)
   teacher_logits = jax.lax.stop_gradient(teacher_logits)
   logits = inference_logits if student_logits is None else student_logits
   if jnp.shape(logits) != jnp.shape(teacher_logits):

@@ -99,6 +99,7 @@ import numpy as np
 import optax
 import tqdm
 
+from oodjax.envise import gradcam as gradcam_lib
 from oodjax.envise import losses as losses_lib
 from oodjax.envise import students as students_lib
 from oodjax.envise.stream import ImageStream, batch_at
@@ -154,6 +155,8 @@ def online_config(**overrides) -> ml_collections.ConfigDict:
     loss.batchnorm             "train" or "inference" (see the module docstring).
     loss.pixel_mean            True: L_at scaled by 1/(N K) as Eq. 5 prints; False: summed over
                                the K pixels (see `losses.attention_triplet_loss`).
+    loss.cam_target            "logit" (Grad-CAM, the paper) or "centred" (y^c - mean_k y^k;
+                               see `oodjax.envise.gradcam`, "Dead maps").
     adaptive.max_epochs        10 (paper); with adaptive.epoch_size (images per epoch) gives
                                the cap ceil(max_epochs * epoch_size / batch_size) steps.
     adaptive.epoch_size        None: no epoch-based cap.
@@ -181,7 +184,8 @@ def online_config(**overrides) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict({"name": "adam", "learning_rate": 1e-4})
   config.loss = ml_collections.ConfigDict({
       "lambda_d": 1.0, "lambda_at": 0.2, "margin": 1.5, "attention": "triplet",
-      "negative": "incorrect", "temperature": None, "batchnorm": "train", "pixel_mean": True})
+      "negative": "incorrect", "temperature": None, "batchnorm": "train", "pixel_mean": True,
+      "cam_target": "logit"})
   config.adaptive = ml_collections.ConfigDict({
       "max_epochs": 10, "epoch_size": None, "max_steps": None, "window": 50,
       "target_agreement": 0.95, "min_delta": 0.005, "patience": 3, "reset_optimizer": True})
@@ -238,6 +242,7 @@ def validate_online_config(config: ml_collections.ConfigDict) -> None:
        "loss.temperature", "None (hard labels) or a number > 0")
   need(lc.batchnorm in BATCHNORM_MODES, "loss.batchnorm", f"one of {BATCHNORM_MODES}")
   need(isinstance(lc.pixel_mean, bool), "loss.pixel_mean", "a bool")
+  need(lc.cam_target in gradcam_lib.TARGETS, "loss.cam_target", f"one of {gradcam_lib.TARGETS}")
   ac = config.adaptive
   need(_is_int(ac.max_epochs) and ac.max_epochs >= 1, "adaptive.max_epochs", "an integer >= 1")
   need(ac.epoch_size is None or (_is_int(ac.epoch_size) and ac.epoch_size >= 1),
@@ -336,8 +341,8 @@ class StepSpec:
     teacher: the teacher module.
     optimizer: "adam" or "sgd".
     learning_rate: the step size.
-    margin, lambda_d, lambda_at, attention, negative, temperature, pixel_mean: `envise_loss`
-      options.
+    margin, lambda_d, lambda_at, attention, negative, temperature, pixel_mean, cam_target:
+      `envise_loss` options.
     batchnorm: "train" or "inference".
   """
   student: nn.Module
@@ -352,6 +357,7 @@ class StepSpec:
   temperature: float | None = None
   batchnorm: str = "train"
   pixel_mean: bool = True
+  cam_target: str = "logit"
 
   def tx(self) -> optax.GradientTransformation:
     if self.optimizer == "adam":
@@ -368,7 +374,8 @@ def step_spec(config: ml_collections.ConfigDict, student: nn.Module, teacher: nn
                   margin=float(lc.margin), lambda_d=float(lc.lambda_d),
                   lambda_at=float(lc.lambda_at), attention=lc.attention, negative=lc.negative,
                   temperature=None if lc.temperature is None else float(lc.temperature),
-                  batchnorm=lc.batchnorm, pixel_mean=bool(lc.pixel_mean))
+                  batchnorm=lc.batchnorm, pixel_mean=bool(lc.pixel_mean),
+                  cam_target=lc.cam_target)
 
 
 def create_student_state(spec: StepSpec, rng: jax.Array, sample_input: jax.Array,
@@ -427,7 +434,7 @@ def adaptive_loss(spec: StepSpec, params: PyTree, batch_stats: PyTree,
       spec.student, variables, spec.teacher, teacher_variables, x, margin=spec.margin,
       lambda_d=spec.lambda_d, lambda_at=spec.lambda_at, attention=spec.attention,
       temperature=spec.temperature, negative=spec.negative, student_logits=train_logits,
-      pixel_mean=spec.pixel_mean)
+      pixel_mean=spec.pixel_mean, cam_target=spec.cam_target)
   return per_example.mean(), (new_stats, aux)
 
 

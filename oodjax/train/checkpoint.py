@@ -27,6 +27,21 @@ BEST_METRIC = "eval_accuracy"
 logger = logging.getLogger(__name__)
 
 
+class _NoMetricsWarningFilter(logging.Filter):
+  """Drops Orbax's "Requested `tracked_metric`; did not provide metrics." warning.
+
+  Orbax logs it on every save without metrics once `best_fn` is set. oodjax saves without
+  metrics on purpose (steps between evaluations, ENVISE's online runs): the preservation policy
+  keeps such steps by recency (`keep_checkpoints_without_metrics`), so the warning is noise.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+_FILTER = _NoMetricsWarningFilter()
+
+
 def make_checkpoint_manager(directory: str | os.PathLike, *, every_steps: int, keep: int,
                             async_save: bool = True) -> ocp.CheckpointManager:
   """The CheckpointManager with every option oodjax uses.
@@ -44,6 +59,9 @@ def make_checkpoint_manager(directory: str | os.PathLike, *, every_steps: int, k
   Returns:
     An open manager; call `close_checkpoint_manager` before the process exits.
   """
+  absl_logger = logging.getLogger("absl")  # Orbax logs through absl
+  if _FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_FILTER)
   preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
       # Steps saved without metrics (no eval set) are left to LatestN.
