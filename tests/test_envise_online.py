@@ -143,7 +143,7 @@ def test_pixel_mean_option_scales_the_attention_term_by_the_pixels(setup):
     spec = online.step_spec(run_config(loss={"pixel_mean": pixel_mean}), kwargs["student"],
                             kwargs["teacher"])
     state = online.create_student_state(spec, jax.random.key(3), jnp.zeros((1, 28, 28, 1)))
-    _, metrics = online.adaptive_update(spec, state, kwargs["teacher_variables"], x)
+    _, metrics = online.adaptive_step(spec, state, kwargs["teacher_variables"], x)
     attention[pixel_mean] = float(metrics["attention"])
     if pixel_mean:
       maps = [jax.eval_shape(lambda v, m=m: forward_with_insides(

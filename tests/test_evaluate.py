@@ -329,6 +329,7 @@ def _assert_rows_match(reference_file, results):
         assert row[key] == pytest.approx(value, abs=5e-4), (old_name, ood, key)
 
 
+@pytest.mark.slow  # three CLI runs, ~2.5 minutes on 2 cores
 def test_main_job_smoke_matches_the_pre_registry_rows_and_resumes(tmp_path):
   """`oodjax run` on the smoke config trains, checkpoints and reports every row the evaluation
   it replaced reported, with the same numbers; a second run only re-scores; `oodjax evaluate`
