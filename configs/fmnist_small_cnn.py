@@ -7,9 +7,10 @@ Command (from the repository root, after `bash scripts/setup.sh`):
 or simply `bash scripts/main.sh`. Running the same command again resumes from the latest
 checkpoint (or, when training has finished, only re-scores).
 
-Hardware and runtime: 2 CPU cores, about 10.5 minutes from a fresh clone, setup included, on a
-2-core AMD EPYC (classifier 2.9 min; VMDLS encoder 1.8 min; evaluation 4.8 min, including
-VMDLS's fits and autoencoder); the script prints its time per stage.
+Hardware and runtime: 2 CPU cores, 8.8 minutes from a fresh clone, setup included, on a
+2-core AMD EPYC in the last run (classifier 2.0 min; VMDLS encoder 1.3 min; evaluation 3.4 min,
+including VMDLS's fits and autoencoder; ENVISE 1.3 min); earlier runs on the same machine class
+took up to a third longer. The script prints its time per stage.
 `configs/fmnist_small_cnn.py:smoke` trains on 2,048 images for one epoch (about 20 s) and is
 what the tests use.
 
