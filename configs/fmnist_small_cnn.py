@@ -63,6 +63,9 @@ def get_config(arg=None):
                  "odin_tuned_without_ood", "indicators", "1c_sum", "supervised", "vmdls_b",
                  "vmdls"),
       ood_seed=0,  # seed of the generated noise sets
+      # Options of folder/ OOD sets (`oodjax.data.folder.load_folder`), e.g. skip_bad=True to
+      # skip unreadable files with a warning instead of stopping.
+      folder_options=dict(skip_bad=False),
       # Images per OOD set (None: all; generated sets default to the ID test size).
       ood_size=ml_collections.FieldReference(None, field_type=int),
       # In-distribution test images scored (None: the whole test split).

@@ -522,9 +522,11 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
   if eval_config.get("id_size"):
     test_ds = test_ds.take(slice(0, eval_config.id_size))
   ood_sets = {}
+  folder_options = dict(eval_config.get("folder_options") or {})  # e.g. {"skip_bad": True}
   for name in eval_config.ood_sets:
+    options = folder_options if name.startswith("folder/") else {}
     ds = data.load(name, "test", seed=eval_config.ood_seed, data_dir=data_dir,
-                   size=eval_config.get("ood_size"))
+                   size=eval_config.get("ood_size"), **options)
     data.check_compatible(test_ds, ds)
     ood_sets[name] = ds
   open_set_train_size = eval_config.get("open_set_train_size")

@@ -187,3 +187,51 @@ def test_resize_dataset_for_mismatched_pairs():
   rgb32 = data.resize_dataset(ood, 32, channels=3)
   assert rgb32.images.shape == (4, 32, 32, 3) and len(rgb32.mean) == 3
   np.testing.assert_array_equal(rgb32.images[..., 0], rgb32.images[..., 2])  # gray in RGB
+
+
+def test_folder_bad_files_are_an_error_or_skipped(tmp_path):
+  _write_images(tmp_path, [(32, 32), (40, 40), (32, 48)])
+  (tmp_path / "broken.png").write_bytes(b"this is no png")
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "sub" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 10)
+  with pytest.raises(ValueError, match=r"2 of 5 image files .*broken\.png.*other 3 were fine"):
+    data.load(f"folder/{tmp_path}")
+  with pytest.warns(UserWarning, match=r"skipped 2 of 5 .*broken\.png.*3 loaded"):
+    ds = data.load(f"folder/{tmp_path}", skip_bad=True)
+  assert ds.images.shape == (3, 32, 32, 3) and len(ds.labels) == 3
+  only_bad = tmp_path / "sub"
+  with pytest.raises(ValueError, match="none of the 1 image files"):
+    data.load(f"folder/{only_bad}", skip_bad=True)
+
+
+def test_folder_converts_every_pillow_mode(tmp_path):
+  from PIL import Image
+  grey = np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) % 256
+  Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "a_l.png")
+  Image.fromarray(grey.astype(np.uint8)).convert("LA").save(tmp_path / "b_la.png")
+  rgba = np.dstack([grey, grey, grey, np.full_like(grey, 7)]).astype(np.uint8)
+  Image.fromarray(rgba).save(tmp_path / "c_rgba.png")
+  Image.fromarray(grey.astype(np.uint8)).convert("P").save(tmp_path / "d_p.png")
+  palette = Image.fromarray(grey.astype(np.uint8)).convert("P")
+  palette.info["transparency"] = 0
+  palette.save(tmp_path / "e_ptrans.png", transparency=0)
+  wide = Image.fromarray((grey * 257).astype(np.uint16))
+  assert wide.mode.startswith("I;16")
+  wide.save(tmp_path / "f_i16.png")
+  rgb = data.load(f"folder/{tmp_path}", mode="crop", crop="center")
+  assert rgb.images.shape == (6, 32, 32, 3)
+  for i in range(6):  # every file holds the same grey ramp: R = G = B = the ramp
+    np.testing.assert_array_equal(rgb.images[i], np.repeat(grey[..., None], 3, -1),
+                                  err_msg=str(i))
+  gray = data.load(f"folder/{tmp_path}", mode="crop", crop="center", channels=1)
+  for i in range(6):
+    np.testing.assert_array_equal(gray.images[i, ..., 0], grey, err_msg=str(i))
+
+
+def test_folder_result_does_not_depend_on_workers(tmp_path):
+  _write_images(tmp_path, [(40 + i, 50) for i in range(12)])
+  one = data.load(f"folder/{tmp_path}", mode="crop", seed=3, workers=1, progress=True)
+  many = data.load(f"folder/{tmp_path}", mode="crop", seed=3, workers=4)
+  np.testing.assert_array_equal(one.images, many.images)
+  other_seed = data.load(f"folder/{tmp_path}", mode="crop", seed=4, workers=4)
+  assert not np.array_equal(one.images, other_seed.images)

@@ -7,9 +7,12 @@ files ODIN published are already 32x32, for which both modes return the images u
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import warnings
 
 import numpy as np
+import tqdm
 
 from oodjax.data.core import ImageDataset, channel_stats
 
@@ -17,25 +20,43 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def load_folder(path: str, *, mode: str = "resize", crop: str = "random", image_size: int = 32,
-                channels: int = 3, seed: int = 0, size: int | None = None) -> ImageDataset:
+                channels: int = 3, seed: int = 0, size: int | None = None,
+                skip_bad: bool = False, workers: int | None = None,
+                progress: bool | None = None) -> ImageDataset:
   """Reads every image under `path` (recursively, in sorted path order) into an unlabelled set.
+
+  Files are decoded by a pool of `workers` threads (Pillow releases the GIL while it decodes and
+  resizes), with a progress bar; the result does not depend on the number of workers.
 
   Args:
     path: a directory of image files.
     mode: "resize" shrinks (or enlarges) each image to image_size x image_size with PIL's
       bilinear filter (which averages over the footprint when shrinking); "crop" cuts an
       image_size x image_size patch, first enlarging an image whose short side is smaller.
-    crop: "random" (positions drawn from `seed`, as ODIN) or "center"; used by mode="crop".
+    crop: "random" (positions drawn from `seed` and the file's index, as ODIN) or "center";
+      used by mode="crop".
     image_size: output height and width.
-    channels: 3 (RGB) or 1 (grayscale, PIL's "L" conversion).
+    channels: 3 (RGB) or 1 (grayscale). Every Pillow mode is converted: grayscale is
+      replicated to RGB, palette images are expanded (through RGBA when they carry
+      transparency), the alpha channel of RGBA / LA images is dropped (the stored colours are
+      kept, not composited), 16-bit and 32-bit integer grayscale is rescaled to 8 bits.
     seed: seeds the random crops.
     size: read only the first `size` files.
+    skip_bad: False (default): a file with an image extension that cannot be decoded is an
+      error naming it (and how many files were fine); True: such files are skipped, with one
+      warning giving their count and the first of them.
+    workers: decoding threads (None: one per CPU core, at most 8).
+    progress: show a progress bar (None: when stderr is a terminal and there are more than
+      1,000 files).
 
   Returns:
     images [N, image_size, image_size, channels] uint8, labels [N] = -1, statistics of the set.
-  """
-  from PIL import Image  # pillow comes with matplotlib; imported here to keep import cheap
 
+  Raises:
+    FileNotFoundError: `path` is not a directory.
+    ValueError: bad options, no image files, an unreadable file (unless `skip_bad`), or no
+      readable file at all.
+  """
   if mode not in ("resize", "crop") or crop not in ("random", "center"):
     raise ValueError(f"mode must be 'resize' or 'crop' and crop 'random' or 'center', "
                      f"got mode={mode!r}, crop={crop!r}")
@@ -49,19 +70,61 @@ def load_folder(path: str, *, mode: str = "resize", crop: str = "random", image_
     files = files[:size]
   if not files:
     raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path!r}")
-  rng = np.random.default_rng(seed)
-  out = np.empty((len(files), image_size, image_size, channels), np.uint8)
-  for i, file in enumerate(files):
-    with Image.open(file) as img:
-      img = img.convert("RGB" if channels == 3 else "L")
-      if mode == "resize":
-        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-      else:
-        img = _crop(img, image_size, crop, rng)
-      out[i] = np.asarray(img).reshape(image_size, image_size, channels)
+  workers = workers or min(8, os.cpu_count() or 1)
+
+  def read(index: int):
+    try:
+      return _read_image(files[index], mode, crop, image_size, channels, seed, index), None
+    except Exception as e:  # pylint: disable=broad-except  # any decoder error is a bad file
+      return None, f"{type(e).__name__}: {e}"
+
+  show = progress if progress is not None else (len(files) > 1000 and os.isatty(2))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = list(tqdm.tqdm(pool.map(read, range(len(files))), total=len(files),
+                             disable=not show, unit="img", desc=f"reading {path}"))
+  bad = [(file, err) for file, (_, err) in zip(files, results) if err is not None]
+  good = [img for img, err in results if err is None]
+  if bad:
+    first = f"{bad[0][0]} ({bad[0][1]})"
+    if not skip_bad:
+      raise ValueError(f"{len(bad)} of {len(files)} image files under {path!r} cannot be read, "
+                       f"the first: {first}; the other {len(good)} were fine. Remove them, or "
+                       "pass skip_bad=True to skip them with a warning")
+    if not good:
+      raise ValueError(f"none of the {len(files)} image files under {path!r} can be read; the "
+                       f"first: {first}")
+    warnings.warn(f"skipped {len(bad)} of {len(files)} image files under {path!r} that cannot "
+                  f"be read (the first: {first}); {len(good)} loaded", stacklevel=2)
+  out = np.stack(good)  # [N, image_size, image_size, channels]
   mean, std = channel_stats(out)
   name = f"folder/{path}"
-  return ImageDataset(out, np.full((len(files),), -1, np.int32), mean, std, (), name)
+  return ImageDataset(out, np.full((len(good),), -1, np.int32), mean, std, (), name)
+
+
+def _to_8bit(img):
+  """A Pillow image in a mode `convert("RGB" / "L")` handles: 16/32-bit integer grayscale is
+  rescaled to 8 bits, palette images with transparency go through RGBA."""
+  from PIL import Image
+  if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    a = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+    return Image.fromarray(np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8), "L")
+  if img.mode == "P" and "transparency" in img.info:
+    return img.convert("RGBA")
+  return img
+
+
+def _read_image(file: str, mode: str, crop: str, image_size: int, channels: int, seed: int,
+                index: int) -> np.ndarray:
+  """One file as [image_size, image_size, channels] uint8."""
+  from PIL import Image  # pillow comes with matplotlib; imported here to keep import cheap
+  with Image.open(file) as img:
+    img = _to_8bit(img).convert("RGB" if channels == 3 else "L")
+    if mode == "resize":
+      img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    else:
+      img = _crop(img, image_size, crop, np.random.default_rng([seed, index]))
+    return np.asarray(img).reshape(image_size, image_size, channels)
 
 
 def _crop(img, image_size: int, crop: str, rng: np.random.Generator):
