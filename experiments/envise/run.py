@@ -293,7 +293,9 @@ def run_separation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
     xy = centred @ vt[:2].T
     ax.scatter(*xy[:len(f_in)].T, s=3, alpha=0.5, label="inliers")
     ax.scatter(*xy[len(f_in):].T, s=3, alpha=0.5, label="outliers")
-    ax.set_title(f"{pipeline.RUN_LABELS[run]}\np = {test.pvalue:.2g}", fontsize=8)
+    p_text = "p < 1e-300" if test.pvalue < 1e-300 else f"p = {test.pvalue:.2g}"
+    ax.set_title(f"{pipeline.RUN_LABELS[run]}\n{p_text}, distance AUROC "
+                 f"{rows[run]['distance_auroc']:.2f}", fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
   axes[0].legend(fontsize=7, markerscale=3)
