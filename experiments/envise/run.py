@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import shutil
 import time
@@ -52,7 +53,7 @@ from experiments.envise import make_readme
 from oodjax import cli, data, metrics, models
 from oodjax.batching import map_padded
 from oodjax.config import load_config
-from oodjax.envise import ablation, online, pipeline, scenarios as scenarios_lib, students, stream
+from oodjax.envise import ablation, gradcam, online, pipeline, students
 from oodjax.evaluate import evaluate_ood
 from oodjax.fileio import atomic_write_json
 from oodjax.models.insides import forward_with_insides
@@ -106,12 +107,9 @@ def run_ablation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
   """
   ec = config.envise
   teacher, tv = _teacher(config, workdir)
-  stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
-  eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
-  scenarios = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)
-  source = stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios]
-                              if ec.adaptive_inliers_only else scenarios, **ec.stream)
-  oc = pipeline._online_config(ec.online, pipeline.STUDENT_RUNS["envise_bsn"])  # pylint: disable=protected-access
+  stream_ds, eval_ds, scenarios, deploy, adapt = _scenario_streams(config)
+  source = deploy if adapt is None else adapt  # what the main run's adaptive phases read
+  oc = pipeline.merged_online_config(ec.online, pipeline.STUDENT_RUNS["envise_bsn"])
   student = students.get_student(ec.student, stream_ds.num_classes)
   deployed = online.student_modules(student, oc.student_kind)[1]
   start = time.time()
@@ -154,11 +152,7 @@ def _scenario_streams(config):
   ec = config.envise
   stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
   eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
-  scenarios = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)
-  deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
-  adapt = (stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios],
-                              **ec.stream) if ec.adaptive_inliers_only else None)
-  return stream_ds, eval_ds, scenarios, deploy, adapt
+  return (stream_ds, eval_ds, *pipeline.scenario_streams(ec, stream_ds))
 
 
 def run_variants(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
@@ -170,7 +164,7 @@ def run_variants(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
   student = students.get_student(ec.student, stream_ds.num_classes)
   results_by_variant = {}
   for name, (label, overrides) in VARIANTS.items():
-    oc = pipeline._online_config(  # pylint: disable=protected-access
+    oc = pipeline.merged_online_config(
         ec.online, {**pipeline.STUDENT_RUNS["envise_bsn"], **overrides})
     run_dir = workdir / "envise" / f"envise_bsn_{name}"
     start = time.time()
@@ -197,18 +191,19 @@ def run_variants(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
   atomic_write_json(out / "variants.json", results_by_variant)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _dead_maps(model, variables, x, target: str):
+  """[B] bool: the Grad-CAM map of the predicted class is zero everywhere."""
+  logits, cam = gradcam.logits_and_cam(model, variables, x, target=target)
+  return jax.numpy.all(cam(logits.argmax(-1)) <= 0, axis=(1, 2))
+
+
 def dead_fraction(model, variables, ds, target: str, batch_size: int = 500) -> float:
   """Share of `ds`'s images whose Grad-CAM map (for the model's predicted class, with
   `target`) is zero everywhere: an all-zero map passes no gradient to L_at."""
-  from oodjax.envise import gradcam  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def dead(x):
-    logits, cam = gradcam.logits_and_cam(model, variables, x, target=target)
-    return jax.numpy.all(cam(logits.argmax(-1)) <= 0, axis=(1, 2))  # [B]
-
   images = data.core.normalize(ds.images, ds.mean, ds.std)
-  return float(np.mean(map_padded(dead, images, batch_size)))
+  return float(np.mean(map_padded(lambda x: _dead_maps(model, variables, x, target), images,
+                                  batch_size)))
 
 
 def run_dead_maps(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
@@ -243,11 +238,15 @@ def run_dead_maps(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
       "runs": table})
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _head_features(model, variables, x):
+  return forward_with_insides(model, variables, x, which=("head",))[1].features
+
+
 def _features(model, variables, ds, batch_size: int = 500) -> np.ndarray:
   """[N, D] input of the head of `model` (its last layer's features) on `ds`."""
-  fn = jax.jit(lambda x: forward_with_insides(model, variables, x, which=("head",))[1].features)
   images = data.core.normalize(ds.images, ds.mean, ds.std)
-  return map_padded(fn, images, batch_size)
+  return map_padded(lambda x: _head_features(model, variables, x), images, batch_size)
 
 
 def nearest_centroid_distance(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -261,9 +260,8 @@ def run_separation(config, workdir: pathlib.Path, out: pathlib.Path) -> None:
   from scipy import stats  # pylint: disable=g-import-not-at-top
   from oodjax.plots import _pyplot  # pylint: disable=g-import-not-at-top
   ec = config.envise
-  stream_ds = data.load(config.dataset, ec.split, seed=config.seed)
-  eval_ds = data.load(config.dataset, ec.eval_split, seed=config.seed)
-  scenario = pipeline.resolve_scenarios(ec.scenarios, stream_ds.class_names)[0]
+  stream_ds, eval_ds, scenarios, _, _ = _scenario_streams(config)
+  scenario = scenarios[0]
   train_in, _ = pipeline.split_scenario(stream_ds, scenario)
   test_in, test_out = pipeline.split_scenario(eval_ds, scenario)
   student = students.get_student(ec.student, stream_ds.num_classes)

@@ -127,7 +127,7 @@ def envise_config(**overrides) -> ml_collections.ConfigDict:
     if key not in c:
       raise ValueError(f"unknown envise config key {key!r}; known: {sorted(c)}")
     if key == "online":
-      value = _online_config(c.online, value)
+      value = merged_online_config(c.online, value)
     elif key == "stream":  # make_stream's keyword arguments, replaced as a whole
       value = ml_collections.ConfigDict(dict(value))
     elif isinstance(c[key], ml_collections.ConfigDict):
@@ -136,8 +136,8 @@ def envise_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
-def _online_config(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
-                   ) -> ml_collections.ConfigDict:
+def merged_online_config(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+                         ) -> ml_collections.ConfigDict:
   """`base` (an online config) with a run's overrides merged group by group, validated."""
   merged = {k: (dict(v) if isinstance(v, (Mapping, ml_collections.ConfigDict)) else v)
             for k, v in base.items()}
@@ -201,7 +201,7 @@ def check_envise_config(config: ml_collections.ConfigDict, class_names: Sequence
   if not ec.detectors and not ec.figure3_kinds:
     raise ValueError("envise.detectors and envise.figure3_kinds are both empty: nothing to run")
   for overrides in runs_of(ec).values():
-    _online_config(ec.online, overrides)
+    merged_online_config(ec.online, overrides)
   if int(ec.stream.get("batch_size", 10)) != int(ec.online.batch_size):
     raise ValueError(f"envise.stream.batch_size {ec.stream.get('batch_size', 10)} differs from "
                      f"envise.online.batch_size {ec.online.batch_size}")
@@ -215,6 +215,16 @@ def check_envise_config(config: ml_collections.ConfigDict, class_names: Sequence
   if int(ec.overlay_images) < 0 or int(ec.overlay_images) > int(ec.online.batch_size):
     raise ValueError(f"envise.overlay_images must be in [0, batch size "
                      f"{ec.online.batch_size}], got {ec.overlay_images}")
+
+
+def scenario_streams(ec: ml_collections.ConfigDict, stream_ds):
+  """(scenarios, deployment stream, adaptive stream or None) of an `envise` section over
+  `stream_ds`; the adaptive stream has the same draws restricted to inlier classes."""
+  scenarios = resolve_scenarios(ec.scenarios, stream_ds.class_names)
+  deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
+  adapt = (stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios],
+                              **ec.stream) if ec.adaptive_inliers_only else None)
+  return scenarios, deploy, adapt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,10 +321,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if tuple(eval_ds.class_names) != tuple(stream_ds.class_names):
     raise ValueError("the stream's and the evaluation's datasets have different classes")
   check_envise_config(config, stream_ds.class_names)
-  scenarios = resolve_scenarios(ec.scenarios, stream_ds.class_names)
-  deploy = stream.make_stream(stream_ds, scenarios, **ec.stream)
-  adapt = (stream.make_stream(stream_ds, [scenarios_lib.inliers_only(s) for s in scenarios],
-                              **ec.stream) if ec.adaptive_inliers_only else None)
+  scenarios, deploy, adapt = scenario_streams(ec, stream_ds)
   student = students.get_student(ec.student, stream_ds.num_classes)
   timer.done("streams")
 
@@ -322,7 +329,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   runs = runs_of(ec)
   summaries, deployed = {}, {}
   for run, overrides in runs.items():
-    oc = _online_config(ec.online, overrides)
+    oc = merged_online_config(ec.online, overrides)
     print(f"[envise] online run {run}: {RUN_LABELS[run]}, {deploy.num_steps} steps", flush=True)
     summaries[run] = online.run_online(oc, workdir / run, teacher=teacher,
                                        teacher_variables=teacher_variables, student=student,
@@ -333,11 +340,12 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   # 3-4. Gates, accuracies and GiE per scenario.
   image_shape = eval_ds.image_shape
   teacher_flops = efficiency.model_flops(teacher, teacher_variables, image_shape)
+  # What each run deployed in each scenario, read once: snapshots[run][scenario].
+  snapshots = {run: [online.load_snapshot(workdir / run, i) for i in range(len(scenarios))]
+               for run in runs}
   flops = {"teacher": teacher_flops}
-  networks = [r for r in runs if r in STUDENT_RUNS]
-  for run in networks:
-    flops[run] = efficiency.model_flops(deployed[run], online.load_snapshot(workdir / run, 0),
-                                        image_shape)
+  for run in (r for r in runs if r in STUDENT_RUNS):
+    flops[run] = efficiency.model_flops(deployed[run], snapshots[run][0], image_shape)
   groups: dict[str, list[str]] = {}
   for name in ec.detectors:
     groups.setdefault(REGISTRY[name].network, []).append(name)
@@ -356,8 +364,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           "adaptive_steps", "adaptive_end", "final_window_agreement", "threshold",
           "inference_steps", "student_accuracy", "teacher_accuracy", "combined_accuracy",
           "inlier_routed", "outlier_routed")}
-      variables = online.load_snapshot(workdir / run, index)
-      entry["accuracy"][run] = system_accuracy(deployed[run], variables, teacher,
+      entry["accuracy"][run] = system_accuracy(deployed[run], snapshots[run][index], teacher,
                                                teacher_variables, inliers, s["threshold"],
                                                int(ec.eval.batch_size))
       if run in flops:
@@ -366,8 +373,8 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
             scenario.inlier_probability, s["inlier_routed"], s["outlier_routed"],
             s["adaptive_steps"], s["inference_steps"])
     for network, names in groups.items():
-      variables = online.load_snapshot(workdir / network, index)
-      results, _ = evaluate_ood(deployed[network], variables, inliers, {"outliers": outliers},
+      results, _ = evaluate_ood(deployed[network], snapshots[network][index], inliers,
+                                {"outliers": outliers},
                                 tuple(names), options=options, holdout=ec.eval.holdout,
                                 seed=int(ec.eval.seed), batch_size=int(ec.eval.batch_size))
       s = summaries[network]["scenarios"][index]
@@ -400,7 +407,7 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     images = stream.batch_at(deploy, deploy.num_steps - 1)["image"][:int(ec.overlay_images)]
     plots["gradcam_overlay"] = "gradcam_overlay.png"
     gradcam_overlay_png(teacher, teacher_variables, deployed[overlay_run],
-                        online.load_snapshot(workdir / overlay_run, last), images,
+                        snapshots[overlay_run][last], images,
                         workdir / plots["gradcam_overlay"], class_names=stream_ds.class_names)
   timer.done("plots")
   results = {
