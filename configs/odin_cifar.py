@@ -51,11 +51,25 @@ AUROC, AUPR-in, AUPR-out, in %):
     iSUN                  82.7/57.3 43.9/31.1 72.8/85.6  74.2/85.9  69.2/84.8
     Uniform               98.2/0.1  51.6/2.5  84.1/99.1  89.9/99.4  71.0/97.5
     Gaussian              99.2/1.0  52.1/3.0  84.3/98.5  90.2/99.1  70.9/95.9
+The released models (the ODIN authors' densenet10/100 and wideresnet10/100 .pth files, whole
+pickled models) score without training: make a state dict of each once (the two lines
+`oodjax import-torch` prints for such a file), then
+
+  oodjax import-torch densenet10_state_dict.pth --config configs/odin_cifar.py:densenet_c10 \
+      --workdir runs/odin_densenet_c10
+  oodjax evaluate --config configs/odin_cifar.py:densenet_c10 --workdir runs/odin_densenet_c10
+
+(wideresnet10 -> wrn_c10, densenet100 -> densenet_c100, wideresnet100 -> wrn_c100). Inputs are
+normalised as the authors' code does, with CIFAR-10's statistics (125.3, 123.0, 113.9) / 255
+and (63.0, 62.1, 66.7) / 255 for CIFAR-100 too (`normalization` below); a model trained here
+uses the same.
+
 Note the paper's detection error is ½(1 − 0.95) + ½ FPR at 95% TPR (its floor of 2.5 shows
 it); oodjax's `detection_error` is the minimum over thresholds (see experiments/README.md).
 """
 import pathlib
 
+import ml_collections
 
 from oodjax.config import load_config
 from oodjax.train.schedules import paper_train_overrides
@@ -69,6 +83,11 @@ VARIANTS = {
 }
 
 
+# The ODIN authors' input normalisation (code/cal.py), on the [0, 1] pixel scale.
+ODIN_NORMALIZATION = {"mean": (125.3 / 255, 123.0 / 255, 113.9 / 255),
+                      "std": (63.0 / 255, 62.1 / 255, 66.7 / 255)}
+
+
 def get_config(arg=None):
   if arg not in VARIANTS:
     raise ValueError(f"configs/odin_cifar.py needs an argument, one of {sorted(VARIANTS)}")
@@ -76,6 +95,8 @@ def get_config(arg=None):
   config = load_config(str(pathlib.Path(__file__).with_name("odin_fmnist.py")))
   config.model = model
   config.dataset = dataset
+  with config.unlocked():
+    config.normalization = ml_collections.ConfigDict(ODIN_NORMALIZATION)
   config.train.update(paper_train_overrides(recipe))
   config.train.log_every_steps = 100
   config.checkpoint.every_steps = 2000

@@ -3,6 +3,9 @@
   oodjax train    --config configs/NAME.py[:ARG] --workdir DIR [--set key=value ...]
   oodjax evaluate --config ... --workdir DIR   (scores a trained checkpoint in DIR)
   oodjax run      --config ... --workdir DIR   (train, resuming if interrupted, then evaluate)
+  oodjax import-torch CHECKPOINT --config ... --workdir DIR [--layout NAME]
+                  (a PyTorch state dict into DIR/imported/, which `evaluate` and `run` then
+                  score instead of training a classifier; `oodjax.models.torch_import`)
 
 A config with an `envise` section also runs ENVISE after the evaluation (`run` and `evaluate`),
 with the classifier as the frozen teacher, in DIR/envise (`oodjax.envise.pipeline`).
@@ -43,8 +46,8 @@ def _load_experiment(args):
   if wanted and "vmdls" not in config:
     raise ValueError(f"{wanted} score a VMDLS encoder: the config needs a `vmdls` section "
                      "(oodjax.vmdls.vmdls_config())")
-  train_ds = data.load(config.dataset, "train", seed=config.seed, data_dir=args.data_dir)
-  test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=args.data_dir)
+  train_ds = data.load_config_dataset(config, "train", data_dir=args.data_dir)
+  test_ds = data.load_config_dataset(config, "test", data_dir=args.data_dir)
   if config.get("train_size"):
     train_ds = train_ds.take(slice(0, config.train_size))
   data.validate(train_ds, require_labels=True)
@@ -60,17 +63,33 @@ def _load_experiment(args):
   return config, model, train_ds, test_ds
 
 
-def _train(args, config, model, train_ds, test_ds):
-  from oodjax.train.classifier import train_classifier
-  return train_classifier(config, args.workdir, model=model, train_ds=train_ds,
-                          eval_ds=test_ds, progress=not args.no_progress)
-
-
 def _variables(state):
   variables = {"params": state.params}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   return variables
+
+
+def _imported(args, model, train_ds):
+  """The variables `oodjax import-torch` stored in the workdir (checked), or None."""
+  from oodjax.models.torch_import import describe_import, load_imported
+  variables = load_imported(args.workdir, model, train_ds.image_shape)
+  if variables is not None:
+    print(f"classifier: {describe_import(args.workdir)}; not trained here")
+  return variables
+
+
+def _classifier(args, config, model, train_ds, test_ds, restore_only: bool = False):
+  """The classifier's variables: imported ones if the workdir has them, else trained (resuming
+  or restoring the workdir's run)."""
+  from oodjax.train.classifier import train_classifier
+  variables = _imported(args, model, train_ds)
+  if variables is not None:
+    return variables
+  state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
+                              eval_ds=None if restore_only else test_ds,
+                              progress=not args.no_progress, restore_only=restore_only)
+  return _variables(state)
 
 
 def _reports_vmdls(config) -> bool:
@@ -94,14 +113,14 @@ def _train_vmdls(args, config, train_ds, test_ds, restore_only: bool = False):
   return encoder, state
 
 
-def _evaluate(args, config, model, state, vmdls=None) -> None:
+def _evaluate(args, config, model, variables, vmdls=None) -> None:
   from oodjax.evaluate import run_evaluation
 
   networks = {}
   if vmdls is not None:
     encoder, vmdls_state = vmdls
     networks["vmdls"] = (encoder, _variables(vmdls_state))
-  run_evaluation(config, args.workdir, model, _variables(state), data_dir=args.data_dir,
+  run_evaluation(config, args.workdir, model, variables, data_dir=args.data_dir,
                  progress=not args.no_progress, config_name=args.config, networks=networks)
   print((pathlib.Path(args.workdir) / "results.md").read_text())
   print(f"wrote results.json, results.md, plots/ and detectors/ to {args.workdir}")
@@ -111,11 +130,11 @@ def _runs_envise(config) -> bool:
   return "envise" in config and bool(config.envise.enabled)
 
 
-def _run_envise(args, config, model, state) -> None:
+def _run_envise(args, config, model, variables) -> None:
   """ENVISE with the classifier as its frozen teacher, in WORKDIR/envise (resumable)."""
   from oodjax.envise.pipeline import run_envise
   workdir = pathlib.Path(args.workdir) / "envise"
-  run_envise(config, workdir, teacher=model, teacher_variables=_variables(state),
+  run_envise(config, workdir, teacher=model, teacher_variables=variables,
              data_dir=args.data_dir, progress=not args.no_progress)
   print((workdir / "results.md").read_text())
   print(f"wrote ENVISE's results.json, results.md, figure3.png and gradcam_overlay.png to "
@@ -123,8 +142,12 @@ def _run_envise(args, config, model, state) -> None:
 
 
 def _cmd_train(args):
+  from oodjax.models.torch_import import imported_path
   config, model, train_ds, test_ds = _load_experiment(args)
-  _train(args, config, model, train_ds, test_ds)
+  if imported_path(args.workdir).exists():
+    raise ValueError(f"{args.workdir} holds imported weights ({imported_path(args.workdir)}): "
+                     "`oodjax evaluate` scores them; train in another workdir")
+  _classifier(args, config, model, train_ds, test_ds)
   if "vmdls" in config:
     _train_vmdls(args, config, train_ds, test_ds)
 
@@ -132,7 +155,7 @@ def _cmd_train(args):
 def _cmd_run(args):
   config, model, train_ds, test_ds = _load_experiment(args)
   start = time.time()
-  state, _ = _train(args, config, model, train_ds, test_ds)
+  variables = _classifier(args, config, model, train_ds, test_ds)
   trained = time.time()
   stages = [f"training the classifier {trained - start:.0f} s"]
   vmdls = None
@@ -140,27 +163,55 @@ def _cmd_run(args):
     vmdls = _train_vmdls(args, config, train_ds, test_ds)
     stages.append(f"training the VMDLS encoder {time.time() - trained:.0f} s")
     trained = time.time()
-  _evaluate(args, config, model, state, vmdls)
+  _evaluate(args, config, model, variables, vmdls)
   evaluated = time.time()
   stages.append(f"evaluation {evaluated - trained:.0f} s (fits, incl. VMDLS's autoencoder, "
                 "and scores)")
   if _runs_envise(config):
-    _run_envise(args, config, model, state)
+    _run_envise(args, config, model, variables)
     stages.append(f"ENVISE {time.time() - evaluated:.0f} s (online runs with the classifier as "
                   "teacher, gates, plots)")
   print("time per stage (0 s when resumed from a finished run): " + ", ".join(stages))
 
 
 def _cmd_evaluate(args):
-  from oodjax.train.classifier import train_classifier
   config, model, train_ds, test_ds = _load_experiment(args)
-  state, _ = train_classifier(config, args.workdir, model=model, train_ds=train_ds,
-                              restore_only=True)
+  variables = _classifier(args, config, model, train_ds, test_ds, restore_only=True)
   vmdls = _train_vmdls(args, config, train_ds, test_ds, restore_only=True) \
       if _reports_vmdls(config) else None
-  _evaluate(args, config, model, state, vmdls)
+  _evaluate(args, config, model, variables, vmdls)
   if _runs_envise(config):
-    _run_envise(args, config, model, state)
+    _run_envise(args, config, model, variables)
+
+
+def _cmd_import_torch(args):
+  """Converts a PyTorch state dict for the config's model and stores it in WORKDIR/imported."""
+  import jax
+
+  from oodjax import models
+  from oodjax.config import load_config
+  from oodjax.models import torch_import
+  config = load_config(args.config, args.overrides)
+  state_dict = torch_import.load_torch_state_dict(args.checkpoint)
+  layout = args.layout or torch_import.detect_layout(state_dict)
+  num_classes = torch_import.num_classes_of(state_dict, layout)
+  model = models.get_model(config.model, num_classes=num_classes)
+  variables = torch_import.import_state_dict(state_dict, model, layout=layout)
+  path = torch_import.save_imported(args.workdir, variables, {
+      "source": os.path.abspath(args.checkpoint),
+      "sha256": torch_import.file_sha256(args.checkpoint), "layout": layout,
+      "model": config.model, "num_classes": num_classes, "config": args.config,
+      "overrides": list(args.overrides), "tensors": len(state_dict)})
+  size = sum(int(x.size) for x in jax.tree.leaves(variables["params"]))
+  print(f"imported {len(state_dict)} tensors ({layout} layout) into {config.model} with "
+        f"K = {num_classes} ({size:,} parameters): {path}")
+  norm = config.get("normalization")
+  if norm is None or norm.get("mean") is None:
+    print("note: this config normalises inputs with its training set's own per-channel "
+          "statistics; if the checkpoint was trained with other ones, set them with "
+          "--set normalization.mean=... (a config with a `normalization` section, as "
+          "configs/odin_cifar.py has)")
+  print(f"next: oodjax evaluate --config {args.config} --workdir {args.workdir}")
 
 
 def _cmd_data_list(args):
@@ -182,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_)
     _add_experiment_args(p)
     p.set_defaults(fn=fn)
+  p = sub.add_parser("import-torch", help="import a PyTorch checkpoint (state dict) into a "
+                     "workdir for `evaluate` (needs torch: pip install 'oodjax[torch]')")
+  p.add_argument("checkpoint", help="a .pth/.pt file holding a state dict (read with "
+                 "torch.load(weights_only=True): a whole pickled model is refused)")
+  p.add_argument("--config", required=True, help="the config whose model the weights fill "
+                 "and which `oodjax evaluate` then runs: configs/NAME.py[:ARG]")
+  p.add_argument("--workdir", required=True, help="where the weights go (WORKDIR/imported/)")
+  p.add_argument("--layout", default=None, help="the checkpoint's layout (default: detected "
+                 "from its keys): resnet_torchvision, resnet_kuangliu, densenet_odin, wrn_odin")
+  p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config entry")
+  p.set_defaults(fn=_cmd_import_torch)
   data_parser = sub.add_parser("data", help="list or prepare datasets")
   data_sub = data_parser.add_subparsers(dest="data_command", required=True)
   p = data_sub.add_parser("list", help="embedded and prepared datasets")
@@ -198,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  """Runs a command; a user error (a ValueError or a missing file) is one line, exit status 2.
+  """Runs a command; a user error (a ValueError, a missing file, a missing optional
+  dependency) is one line, exit status 2.
 
   Anything else is a bug and keeps its traceback. OODJAX_DEBUG=1 shows the traceback of user
   errors too.
@@ -206,7 +270,7 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, ImportError) as e:
     if os.environ.get("OODJAX_DEBUG"):
       raise
     print(f"oodjax: error: {e}", file=sys.stderr)

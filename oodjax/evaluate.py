@@ -518,7 +518,7 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
       raise ValueError(f"{name} scores a {network} network, and none was given "
                        f"(available: {sorted(available)})")
     groups.setdefault(network, []).append(name)
-  test_ds = data.load(config.dataset, "test", seed=config.seed, data_dir=data_dir)
+  test_ds = data.load_config_dataset(config, "test", data_dir=data_dir)
   if eval_config.get("id_size"):
     test_ds = test_ds.take(slice(0, eval_config.id_size))
   ood_sets = {}
@@ -533,7 +533,7 @@ def run_evaluation(config, workdir: str | pathlib.Path, model, variables: Any, *
   id_train = None
   if open_set_train_size is not None or any(ID_TRAIN in registry[d].sees
                                             for d in eval_config.detectors):
-    id_train = data.load(config.dataset, "train", seed=config.seed, data_dir=data_dir)
+    id_train = data.load_config_dataset(config, "train", data_dir=data_dir)
     if config.get("train_size"):
       id_train = id_train.take(slice(0, config.train_size))
   options = {key: dict(value) for key, value in eval_config.items() if hasattr(value, "items")}

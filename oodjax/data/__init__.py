@@ -35,7 +35,8 @@ from oodjax.data.tfds_sources import KNOWN as _TFDS_KNOWN
 from oodjax.data.tfds_sources import load_tfds
 
 __all__ = ["ImageDataset", "batches", "channel_stats", "check_compatible", "from_arrays",
-           "normalize", "validate", "EMBEDDED_OOD", "load", "list_datasets", "resize_dataset"]
+           "normalize", "validate", "EMBEDDED_OOD", "load", "load_config_dataset",
+           "list_datasets", "resize_dataset"]
 
 
 # Fashion-MNIST (labels 0-9) + Animal-MNIST (labels 10-19), splits "train" and "test".
@@ -87,3 +88,24 @@ def load(name: str, split: str = "test", *, data_dir: str | None = None, seed: i
   else:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
   return validate(ds)
+
+
+def load_config_dataset(config, split: str, *, data_dir: str | None = None) -> ImageDataset:
+  """`config.dataset`'s `split`, carrying the normalisation statistics the config asks for.
+
+  By default a dataset is normalised with the per-channel statistics of its own training
+  images. A config may fix them instead with a `normalization` section {"mean": (...),
+  "std": (...)} on the [0, 1] pixel scale: what an imported network was trained with (the ODIN
+  authors normalise CIFAR-10 and CIFAR-100 alike with (125.3, 123.0, 113.9) / 255 and (63.0,
+  62.1, 66.7) / 255, `configs/odin_cifar.py`). OOD sets then take these statistics too, as
+  they take the ID set's.
+  """
+  ds = load(config.dataset, split, seed=config.seed, data_dir=data_dir)
+  norm = config.get("normalization")
+  if norm is not None and norm.get("mean") is not None:
+    mean, std = tuple(norm["mean"]), tuple(norm.get("std") or ())
+    if len(mean) != ds.image_shape[-1] or len(std) != ds.image_shape[-1]:
+      raise ValueError(f"normalization.mean {mean} / std {std} need one value per channel of "
+                       f"{config.dataset} ({ds.image_shape[-1]})")
+    ds = validate(ds.with_stats(mean, std))
+  return ds

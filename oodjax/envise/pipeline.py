@@ -315,9 +315,9 @@ def run_envise(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   workdir = pathlib.Path(workdir)
   timer = _Timer()
   if stream_ds is None:
-    stream_ds = data_lib.load(config.dataset, ec.split, seed=config.seed, data_dir=data_dir)
+    stream_ds = data_lib.load_config_dataset(config, ec.split, data_dir=data_dir)
   if eval_ds is None:
-    eval_ds = data_lib.load(config.dataset, ec.eval_split, seed=config.seed, data_dir=data_dir)
+    eval_ds = data_lib.load_config_dataset(config, ec.eval_split, data_dir=data_dir)
   if tuple(eval_ds.class_names) != tuple(stream_ds.class_names):
     raise ValueError("the stream's and the evaluation's datasets have different classes")
   check_envise_config(config, stream_ds.class_names)

@@ -34,6 +34,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock),
     "resnet34": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock),
     "resnet50": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock),
+    # torchvision's ImageNet layout (7x7/2 stem + max-pool), for imported checkpoints.
+    "resnet18_imagenet": partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock,
+                                 stem="imagenet"),
+    "resnet34_imagenet": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock,
+                                 stem="imagenet"),
+    "resnet50_imagenet": partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BottleneckBlock,
+                                 stem="imagenet"),
     "wrn28_10": partial(WideResNet, depth=28, widen_factor=10),
     "wrn40_4": partial(WideResNet, depth=40, widen_factor=4),
     "densenet_bc100": partial(DenseNet, depth=100, growth_rate=12, compression=0.5),

@@ -58,15 +58,23 @@ class MaxPool(nn.Module):
   Attributes:
     window: square window side.
     stride: step in both spatial directions.
+    padding: "SAME", or an int p for p rows/columns of -inf on every side (PyTorch's
+      `MaxPool2d(padding=p)`: the ImageNet ResNet stem's 3x3/2 pool pads 1 on both sides,
+      where SAME would pad 0 before and 1 after an even-sized map).
   """
   window: int = 2
   stride: int = 2
+  padding: str | int = "SAME"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), C]."""
+    """[B, H, W, C] -> [B, ceil(H / stride), ceil(W / stride), C] with SAME padding,
+    [B, (H + 2p - window) // stride + 1, ..., C] with padding p."""
+    padding = self.padding
+    if not isinstance(padding, str):
+      padding = ((padding, padding), (padding, padding))
     return nn.max_pool(x, (self.window, self.window), strides=(self.stride, self.stride),
-                       padding="SAME")
+                       padding=padding)
 
 
 class NormReLU(nn.Module):

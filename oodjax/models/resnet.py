@@ -1,9 +1,11 @@
-"""ResNets and wide ResNets for CIFAR-size inputs.
+"""ResNets and wide ResNets, for CIFAR-size inputs by default.
 
-CIFAR stem: one 3x3 stride-1 convolution and no max-pool, so a 32x32 image keeps its resolution
-through the first stage (He et al. 2016, Sec. 4.2 style; the widths are those of the ImageNet
-ResNets as in most OOD papers). Each stage is a `ResNetStage` of blocks; the first block of every
-stage but the first halves the resolution.
+CIFAR stem (the default): one 3x3 stride-1 convolution and no max-pool, so a 32x32 image keeps
+its resolution through the first stage (He et al. 2016, Sec. 4.2 style; the widths are those of
+the ImageNet ResNets as in most OOD papers). `ResNet(stem="imagenet")` has the ImageNet stem
+instead (7x7 stride-2 conv, BN, ReLU, 3x3 stride-2 max-pool padded by 1), torchvision's layout,
+so its checkpoints import (`oodjax.models.torch_import`). Each stage is a `ResNetStage` of
+blocks; the first block of every stage but the first halves the resolution.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from oodjax.models.layers import BatchNorm, NormReLU, conv_init, global_avg_pool
+from oodjax.models.layers import BatchNorm, MaxPool, NormReLU, conv_init, global_avg_pool
 
 
 def _conv(features: int, kernel_size: int, strides: int = 1) -> nn.Conv:
@@ -92,25 +94,36 @@ class ResNetStage(nn.Module):
     return x
 
 
+STEMS = ("cifar", "imagenet")
+
+
 class ResNet(nn.Module):
-  """ResNet with a CIFAR stem: 3x3 conv-BN-ReLU, stages, global average pool, Dense.
+  """ResNet: stem conv-BN-ReLU, stages, global average pool, Dense.
 
   Attributes:
     num_classes: K.
     stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
     block: `BasicBlock` or `BottleneckBlock`.
     width: channels of the stem and of the first stage; stage i has width * 2**i.
+    stem: "cifar" (3x3 stride-1 conv) or "imagenet" (7x7 stride-2 conv, then a 3x3 stride-2
+      max-pool padded by 1: a 224x224 image reaches the first stage at 56x56).
   """
   num_classes: int
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: Callable[..., nn.Module] = BasicBlock
   width: int = 64
+  stem: str = "cifar"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
-    x = _conv(self.width, 3)(x)
+    if self.stem not in STEMS:
+      raise ValueError(f"unknown ResNet stem {self.stem!r}; known: {STEMS}")
+    x = _conv(self.width, 3 if self.stem == "cifar" else 7,
+              strides=1 if self.stem == "cifar" else 2)(x)
     x = nn.relu(BatchNorm()(x, use_running_average=not train))
+    if self.stem == "imagenet":
+      x = MaxPool(window=3, stride=2, padding=1)(x)
     for i, num_blocks in enumerate(self.stage_sizes):
       x = ResNetStage(self.block, num_blocks, self.width * 2**i,
                       strides=1 if i == 0 else 2)(x, train)

@@ -82,7 +82,7 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 # The config entries that decide what training produces; evaluation settings, the mesh and the
 # checkpoint cadence may change between runs of the same training without a warning.
-TRAINING_KEYS = ("seed", "dataset", "model", "train_size", "train", "vmdls")
+TRAINING_KEYS = ("seed", "dataset", "model", "train_size", "train", "vmdls", "normalization")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
