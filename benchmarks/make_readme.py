@@ -163,8 +163,28 @@ def _envise_xnor(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _fsdp_memory(r: dict) -> str:
+  mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+  lines = [f"{r['devices']} fake {r['backend'].upper()} devices ({r['device_kind']}, "
+           f"jax {r['jax']}), global batch {r['batch_size']} at 32x32x3, K = 10, SGD with "
+           "momentum; MiB per device from XLA's memory analysis of the compiled step.", "",
+           "| network | parameters | mesh | parameter sharding | state | step inputs | scratch "
+           "| state vs data parallel |", "|---|---|---|---|---|---|---|---|"]
+  base = {row["model"]: row["state_bytes"] for row in r["rows"]
+          if row["param_sharding"] == "replicated"}
+  for row in r["rows"]:
+    mesh = " x ".join(f"{k} {v}" for k, v in row["mesh"].items())
+    ratio = base[row["model"]] / row["state_bytes"]
+    versus = "(the reference)" if row["param_sharding"] == "replicated" else \
+        f"{ratio:.2f}x smaller"
+    lines.append(f"| {row['model']} | {row['params'] / 1e6:.2f} M | {mesh} | "
+                 f"{row['param_sharding']} | {mib(row['state_bytes'])} | "
+                 f"{mib(row['argument_bytes'])} | {mib(row['temp_bytes'])} | {versus} |")
+  return "\n".join(lines)
+
+
 RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid,
-          "vmdls": _vmdls, "envise_xnor": _envise_xnor}
+          "vmdls": _vmdls, "envise_xnor": _envise_xnor, "fsdp_memory": _fsdp_memory}
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ def get_config(arg=None):
       lr_drop_factor=0.1,
       log_every_steps=50,
   ))
-  config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",)))
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",),
+                                               param_sharding="replicated"))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2,
                                                      async_save=True))
   config.eval = ml_collections.ConfigDict(dict(

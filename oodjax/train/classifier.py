@@ -16,7 +16,11 @@ Config keys read (an `ml_collections.ConfigDict`; start from `default_train_conf
   config.train.lr_drop_factor    float multiplier at each drop, e.g. 0.1.
   config.train.log_every_steps   int >= 1: a metrics line (and progress-bar update) every N.
   config.mesh.shape              e.g. (-1,) (all devices on "data") or (-1, 2).
-  config.mesh.axes               e.g. ("data",) or ("data", "model").
+  config.mesh.axes               e.g. ("data",) or ("data", "model") or ("data", "fsdp").
+  config.mesh.param_sharding     optional, "replicated" (default) or "fsdp": parameters and
+                                 optimizer state sharded over the "fsdp" axis
+                                 (`sharding.param_rule`); the batch is split over "data" and
+                                 "fsdp". The trainer prints the per-device memory.
   config.checkpoint.every_steps  int >= 1: checkpoint (and evaluate) every N steps.
   config.checkpoint.keep         int >= 1: most recent checkpoints kept (plus the best one).
   config.checkpoint.async_save   bool: write checkpoints in a background thread.
@@ -75,7 +79,8 @@ def default_train_config() -> ml_collections.ConfigDict:
       num_epochs=10, batch_size=128, augment=False, optimizer="sgd", learning_rate=0.1,
       momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="step", lr_drop_at=(0.5, 0.75),
       lr_drop_factor=0.1, log_every_steps=50))
-  config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",)))
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",),
+                                               param_sharding="replicated"))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
   return config
 
@@ -112,6 +117,7 @@ def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | Non
   if tc.batch_size > len(train_ds):
     raise ValueError(f"batch size {tc.batch_size} exceeds the {len(train_ds)} training "
                      f"examples of {train_ds.name!r}")
+  shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)  # raises if unknown
   shards = shd.data_axis_size(mesh)
   if tc.batch_size % shards:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by the {shards} devices of "
@@ -219,10 +225,15 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       return _evaluate(eval_step, state, padded_eval_ds, batch_size,
                        shd.batch_sharding(mesh))
 
+  rule = shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)
   job = Job(init_fn=lambda rng: create_train_state(model, tx, rng, sample),
             train_step=make_train_step(make_classification_loss(model.apply), tx),
             epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
             num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
-            evaluate=evaluate)
-  return run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
-                 seed=int(config.seed), progress=progress, restore_only=restore_only)
+            evaluate=evaluate,
+            state_shardings=lambda abstract: shd.state_sharding(abstract, mesh, rule))
+  state, summary = run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
+                           seed=int(config.seed), progress=progress, restore_only=restore_only)
+  if rule is not None:  # what evaluation and the detectors take: whole parameters per device
+    state = jax.device_put(state, shd.state_sharding(state, mesh))
+  return state, summary

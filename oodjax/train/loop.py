@@ -86,6 +86,16 @@ def truncate_metrics(path: str, last_step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _print_memory(memory: dict[str, int], mesh: jax.sharding.Mesh, bar: bool) -> None:
+  mb = {k: v / 2**20 for k, v in memory.items()}
+  line = (f"per device ({dict(mesh.shape)} mesh): state {mb['state_bytes']:.1f} MiB of "
+          f"{mb['state_bytes_total']:.1f} MiB, step inputs {mb['argument_bytes']:.1f} MiB, "
+          f"scratch {mb['temp_bytes']:.1f} MiB (XLA memory analysis)")
+  logger.info(line)
+  if bar:
+    tqdm.tqdm.write(line)
+
+
 def _append_metrics(file, record: dict[str, Any]) -> None:
   file.write(json.dumps(record) + "\n")
   file.flush()
@@ -109,9 +119,10 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
     restore_only: only restore a finished run; a workdir without one is a ValueError.
 
   Returns:
-    (state, summary): the final state (replicated over the mesh) and {"step", "total_steps",
-    "steps_per_epoch", "resumed_from" (step or None), "already_finished", "eval" (last eval
-    dict or None), "best_step", "train_seconds"}.
+    (state, summary): the final state (sharded over the mesh as the job says) and {"step",
+    "total_steps", "steps_per_epoch", "resumed_from" (step or None), "already_finished",
+    "eval" (last eval dict or None), "best_step", "train_seconds", and "memory" when steps
+    ran: `sharding.memory_report` of the compiled step, also printed with the progress bar}.
   """
   workdir = os.fspath(workdir)
   total_steps = job.total_steps
@@ -169,6 +180,10 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
         start_batch = step - epoch * job.steps_per_epoch
         epoch_iter = job.epoch_batches(epoch, start_batch, data_sharding)
         for _, batch in zip(range(job.steps_per_epoch - start_batch), epoch_iter):
+          if "memory" not in summary:  # compiled once, ahead of time, to read its memory
+            train_step = train_step.lower(state, batch, train_rng).compile()
+            summary["memory"] = shd.memory_report(train_step, state)
+            _print_memory(summary["memory"], mesh, show)
           state, metrics = train_step(state, batch, train_rng)
           step += 1
           # Summed on device, fetched only at log time, so logging does not stall the step.

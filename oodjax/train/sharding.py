@@ -1,9 +1,13 @@
 """Device mesh, shardings, and the jitted, sharded step functions.
 
-Data parallelism is expressed once, as shardings on the inputs and outputs of `jax.jit`
-(what `pjit` used to be): the batch is split along the "data" axis of the mesh, the state is
-replicated, and XLA inserts the gradient all-reduce (and the global BatchNorm statistics)
-itself. The same code runs on 1 CPU device, 8 fake CPU devices, a GPU or a TPU slice.
+Parallelism is expressed once, as shardings on the inputs and outputs of `jax.jit` (what
+`pjit` used to be): the batch is split along the "data" axis of the mesh (and the "fsdp" axis
+when there is one), and XLA inserts the gradient all-reduce (and the global BatchNorm
+statistics) itself. The state is replicated by default; the "fsdp" rule (`param_rule`) shards
+every large parameter and its optimizer state along its largest axis divisible by the "fsdp"
+mesh axis, and XLA gathers each one inside the step where it is used (fully sharded data
+parallelism, as ZeRO-3): per-device state memory falls by the size of that axis. The same code
+runs on 1 CPU device, 8 fake CPU devices, a GPU or a TPU slice.
 """
 from __future__ import annotations
 
@@ -50,17 +54,94 @@ def make_mesh(shape: Sequence[int] = (-1,), axes: Sequence[str] = ("data",), *,
                        devices=devices[:math.prod(shape)])
 
 
+FSDP_AXIS = "fsdp"
+PARAM_RULES = ("replicated", "fsdp")
+# Leaves smaller than this stay replicated under the "fsdp" rule: BatchNorm scales, biases and
+# step counters cost nothing to copy, and gathering them would cost a collective each.
+FSDP_MIN_SIZE = 2**12
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: the first ("data") axis, and "fsdp" if present
+  (FSDP splits the batch over its parameter-sharding axis too, so no device idles)."""
+  first = mesh.axis_names[0]
+  return (first,) + tuple(a for a in mesh.axis_names[1:] if a == FSDP_AXIS)
+
+
 def data_axis_size(mesh: Mesh) -> int:
-  """The number of batch shards: the size of the mesh's first ("data") axis."""
-  return mesh.shape[mesh.axis_names[0]]
+  """The number of batch shards: the product of the sizes of `batch_axes(mesh)`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Splits the leading (batch) dimension of every batch array along the data axis.
+  """Splits the leading (batch) dimension of every batch array along `batch_axes(mesh)`.
 
   The batch is replicated over any other mesh axis (e.g. "model").
   """
-  return NamedSharding(mesh, P(mesh.axis_names[0]))
+  axes = batch_axes(mesh)
+  return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+
+
+def fsdp_spec(path, leaf, *, mesh: Mesh, axis: str = FSDP_AXIS,
+              min_size: int = FSDP_MIN_SIZE) -> P:
+  """The FSDP rule for one leaf: shard its largest dimension divisible by the `axis` size.
+
+  Ties go to the last such dimension (a conv kernel [kh, kw, C_in, C_out] with C_in = C_out
+  shards its output channels). Leaves below `min_size` elements, and leaves with no divisible
+  dimension, are replicated. `path` is unused (the rule looks at shapes only); it is there so
+  the function fits `state_sharding`'s `spec_fn`.
+  """
+  del path
+  n = mesh.shape[axis]
+  shape = tuple(getattr(leaf, "shape", ()))
+  if n == 1 or math.prod(shape) < min_size:
+    return P()
+  candidates = [d for d in range(len(shape)) if shape[d] % n == 0]
+  if not candidates:
+    return P()
+  d = max(candidates, key=lambda i: (shape[i], i))
+  return P(*([None] * d + [axis]))
+
+
+def param_rule(name: str, mesh: Mesh) -> Callable[[Any, Any], P] | None:
+  """The `spec_fn` of the config's parameter sharding rule `name` (`config.mesh.param_sharding`).
+
+  "replicated": None (every leaf copied to every device). "fsdp": `fsdp_spec`, which needs an
+  "fsdp" mesh axis, e.g. `mesh.shape=(-1, 4), mesh.axes=("data", "fsdp")`.
+  """
+  if name not in PARAM_RULES:
+    raise ValueError(f"unknown parameter sharding rule {name!r}; known: {PARAM_RULES}")
+  if name == "replicated":
+    return None
+  if FSDP_AXIS not in mesh.axis_names:
+    raise ValueError(f"parameter sharding 'fsdp' needs an {FSDP_AXIS!r} mesh axis, e.g. "
+                     f"mesh.axes=('data', 'fsdp'); the mesh has {mesh.axis_names}")
+  return lambda path, leaf: fsdp_spec(path, leaf, mesh=mesh)
+
+
+def per_device_bytes(tree: PyTree) -> int:
+  """Bytes one device holds of a tree of sharded arrays (the shards are equal-sized)."""
+  return sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(tree))
+
+
+def memory_report(compiled, state: PyTree) -> dict[str, int]:
+  """Per-device memory of a compiled train step, from XLA's memory analysis.
+
+  Args:
+    compiled: `jitted.lower(state, batch, rng).compile()`.
+    state: the state it takes (sharded arrays).
+
+  Returns:
+    {"state_bytes": the state's bytes on one device (parameters + optimizer state + batch
+    statistics), "state_bytes_total": the whole state's bytes, "argument_bytes": the step's
+    inputs on one device (state, batch, key), "temp_bytes": its scratch memory on one device
+    (activations, gathered parameters, gradients)}.
+  """
+  analysis = compiled.memory_analysis()
+  return {"state_bytes": per_device_bytes(state),
+          "state_bytes_total": sum(int(leaf.nbytes) for leaf in jax.tree.leaves(state)),
+          "argument_bytes": int(analysis.argument_size_in_bytes),
+          "temp_bytes": int(analysis.temp_size_in_bytes)}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
