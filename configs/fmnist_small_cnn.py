@@ -49,6 +49,7 @@ def get_config(arg=None):
       lr_drop_at=(0.5, 0.75),
       lr_drop_factor=0.1,
       log_every_steps=50,
+      compute_dtype="float32",  # or "bfloat16" (float32 master weights, BN stats and loss)
   ))
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",),
                                                param_sharding="replicated"))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from oodjax.models.layers import ConvBlock, MaxPool
+from oodjax.models.layers import ConvBlock, Dtype, MaxPool, head_dtype, precision
 
 
 class SmallCNN(nn.Module):
@@ -22,29 +23,34 @@ class SmallCNN(nn.Module):
     num_classes: K.
     widths: output channels of the conv blocks; each block is followed by a 2x2 max-pool.
     hidden: width D of the hidden Dense layer.
+    dtype, param_dtype: compute and parameter dtypes (`oodjax.models.layers.precision`).
   """
   num_classes: int
   widths: tuple[int, ...] = (32, 64)
   hidden: int = 128
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
     for width in self.widths:
-      x = MaxPool()(ConvBlock(width)(x, train))
+      x = MaxPool()(ConvBlock(width, **precision(self))(x, train))
     x = x.reshape(x.shape[0], -1)  # [B, H' * W' * C']
-    x = nn.relu(nn.Dense(self.hidden)(x))  # [B, D]
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(nn.Dense(self.hidden, **precision(self))(x))  # [B, D]
+    return nn.Dense(self.num_classes, dtype=head_dtype(self), param_dtype=self.param_dtype)(x)
 
 
 class VGGStage(nn.Module):
   """Conv-BN-ReLU blocks at one resolution (the max-pool after it belongs to the parent)."""
   widths: tuple[int, ...]
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for width in self.widths:
-      x = ConvBlock(width)(x, train)
+      x = ConvBlock(width, **precision(self))(x, train)
     return x
 
 
@@ -61,17 +67,20 @@ class VGG(nn.Module):
   Attributes:
     num_classes: K.
     stages: conv widths per stage; each stage is followed by a 2x2 max-pool.
+    dtype, param_dtype: compute and parameter dtypes (`oodjax.models.layers.precision`).
   """
   num_classes: int
   stages: tuple[tuple[int, ...], ...] = VGG16_STAGES
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
     for widths in self.stages:
-      x = MaxPool()(VGGStage(widths)(x, train))
+      x = MaxPool()(VGGStage(widths, **precision(self))(x, train))
     x = x.reshape(x.shape[0], -1)  # [B, D]
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=head_dtype(self), param_dtype=self.param_dtype)(x)
 
 
 class AlexNet(nn.Module):
@@ -87,22 +96,25 @@ class AlexNet(nn.Module):
     widths: channels of the five conv layers.
     hidden: width D of the two hidden Dense layers.
     dropout_rate: dropout before each hidden Dense layer when training.
+    dtype, param_dtype: compute and parameter dtypes (`oodjax.models.layers.precision`).
   """
   num_classes: int
   widths: tuple[int, int, int, int, int] = (64, 192, 384, 256, 256)
   hidden: int = 1024
   dropout_rate: float = 0.5
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C] -> logits [B, K]."""
     kernel_sizes = (5, 5, 3, 3, 3)
     for i, (width, k) in enumerate(zip(self.widths, kernel_sizes)):
-      x = ConvBlock(width, kernel_size=k, use_norm=False)(x, train)
+      x = ConvBlock(width, kernel_size=k, use_norm=False, **precision(self))(x, train)
       if i in (0, 1, 4):
         x = MaxPool(window=3, stride=2)(x)
     x = x.reshape(x.shape[0], -1)  # [B, 4 * 4 * 256] at 32x32
     for _ in range(2):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(self.hidden)(x))  # [B, D]
-    return nn.Dense(self.num_classes)(x)
+      x = nn.relu(nn.Dense(self.hidden, **precision(self))(x))  # [B, D]
+    return nn.Dense(self.num_classes, dtype=head_dtype(self), param_dtype=self.param_dtype)(x)

@@ -11,10 +11,13 @@ a module output too (VMDLS's feature ensemble reads it there).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+Dtype = Any
 
 # PyTorch's defaults (momentum 0.1 there is 0.9 here). Flax's own 0.99 makes the running
 # statistics lag far behind the weights in the few-epoch CPU runs we do.
@@ -25,6 +28,24 @@ BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def precision(module: nn.Module) -> dict[str, Dtype]:
+  """{"dtype", "param_dtype"} of a zoo module, to hand to the layers and blocks it creates.
+
+  Every zoo model and block has `dtype` (the compute dtype; None: Flax's default, float32 for
+  float32 inputs) and `param_dtype` (the parameters' storage dtype, float32). With dtype
+  bfloat16 the convolutions and hidden Dense layers compute in bfloat16 on float32 master
+  weights, BatchNorm reduces its statistics in float32 and keeps them in float32, and the head
+  computes the logits in float32 (`head_dtype`).
+  """
+  return {"dtype": module.dtype, "param_dtype": module.param_dtype}
+
+
+def head_dtype(module: nn.Module) -> Dtype:
+  """The head's compute dtype: float32 whenever the model computes in a lower precision, so
+  logits, softmax and the loss are float32."""
+  return None if module.dtype is None else jnp.float32
+
+
 class ConvBlock(nn.Module):
   """Conv (stride 1, SAME) -> optional BatchNorm -> ReLU.
 
@@ -32,19 +53,22 @@ class ConvBlock(nn.Module):
     features: output channels C.
     kernel_size: square kernel side.
     use_norm: whether to BatchNorm the convolution (the conv has no bias then).
+    dtype, param_dtype: compute and parameter dtypes (`precision`).
   """
   features: int
   kernel_size: int = 3
   use_norm: bool = True
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """[B, H, W, C_in] -> [B, H, W, features]."""
     k = self.kernel_size
     x = nn.Conv(self.features, (k, k), padding="SAME", use_bias=not self.use_norm,
-                kernel_init=conv_init)(x)
+                kernel_init=conv_init, **precision(self))(x)
     if self.use_norm:
-      x = BatchNorm()(x, use_running_average=not train)
+      x = BatchNorm(**precision(self))(x, use_running_average=not train)
     return nn.relu(x)
 
 
@@ -83,10 +107,12 @@ class NormReLU(nn.Module):
   A module of its own so that the final one of a network, whose output is the map the head
   pools, is a module output that `forward_with_insides` sees.
   """
+  dtype: Dtype = None
+  param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    return nn.relu(BatchNorm()(x, use_running_average=not train))
+    return nn.relu(BatchNorm(**precision(self))(x, use_running_average=not train))
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -15,6 +15,13 @@ Config keys read (an `ml_collections.ConfigDict`; start from `default_train_conf
   config.train.lr_drop_at        fractions of training where a "step" schedule drops.
   config.train.lr_drop_factor    float multiplier at each drop, e.g. 0.1.
   config.train.log_every_steps   int >= 1: a metrics line (and progress-bar update) every N.
+  config.train.compute_dtype     optional, "float32" (default) or "bfloat16": the training
+                                 forward and backward passes compute in bfloat16 on float32
+                                 master weights; BatchNorm statistics, logits, softmax and
+                                 loss stay float32 (the zoo's `dtype` attribute). Evaluation,
+                                 and every detector later, use the float32 model: ODIN's input
+                                 perturbation (eps ~ 1e-3) is below bfloat16's resolution near
+                                 1 (2**-7), so a bfloat16 forward would round it away.
   config.mesh.shape              e.g. (-1,) (all devices on "data") or (-1, 2).
   config.mesh.axes               e.g. ("data",) or ("data", "model") or ("data", "fsdp").
   config.mesh.param_sharding     optional, "replicated" (default) or "fsdp": parameters and
@@ -65,6 +72,10 @@ _REQUIRED_KEYS = {
     "mesh": ("shape", "axes"),
     "checkpoint": ("every_steps", "keep", "async_save"),
 }
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+# Options added after runs existed enter the hash only when set away from their default, so
+# adding one leaves the hash of every existing run (and its resume) unchanged.
+_HASHED_ONLY_IF_SET = {"train": {"compute_dtype": "float32"}}
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -78,7 +89,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=10, batch_size=128, augment=False, optimizer="sgd", learning_rate=0.1,
       momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="step", lr_drop_at=(0.5, 0.75),
-      lr_drop_factor=0.1, log_every_steps=50))
+      lr_drop_factor=0.1, log_every_steps=50, compute_dtype="float32"))
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1,), axes=("data",),
                                                param_sharding="replicated"))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
@@ -94,6 +105,10 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   """A short digest of the training part of a config (`TRAINING_KEYS`), stored with each
   checkpoint, so resuming under a different training config is flagged."""
   full = json.loads(config.to_json())
+  for group, defaults in _HASHED_ONLY_IF_SET.items():
+    for key, default in defaults.items():
+      if full.get(group, {}).get(key, default) == default:
+        full.get(group, {}).pop(key, None)
   text = json.dumps({k: full[k] for k in TRAINING_KEYS if k in full}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -118,6 +133,7 @@ def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | Non
     raise ValueError(f"batch size {tc.batch_size} exceeds the {len(train_ds)} training "
                      f"examples of {train_ds.name!r}")
   shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)  # raises if unknown
+  _compute_model(model, tc.get("compute_dtype", "float32"))  # raises if unknown
   shards = shd.data_axis_size(mesh)
   if tc.batch_size % shards:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by the {shards} devices of "
@@ -174,6 +190,19 @@ def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
           "eval_loss": float(totals["loss_sum"]) / count, "eval_count": count}
 
 
+def _compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
+  """The model the training step runs: `model` itself, or its clone computing in bfloat16."""
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got "
+                     f"{compute_dtype!r}")
+  if COMPUTE_DTYPES[compute_dtype] is None:
+    return model
+  if not any(f.name == "dtype" for f in dataclasses.fields(model)):
+    raise ValueError(f"train.compute_dtype={compute_dtype!r} needs a model with a `dtype` "
+                     f"attribute (every zoo model has one); {type(model).__name__} has none")
+  return model.clone(dtype=COMPUTE_DTYPES[compute_dtype])
+
+
 def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                      model: nn.Module, train_ds: ImageDataset,
                      eval_ds: ImageDataset | None = None, progress: bool | None = None,
@@ -226,8 +255,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
                        shd.batch_sharding(mesh))
 
   rule = shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)
+  train_model = _compute_model(model, tc.get("compute_dtype", "float32"))
   job = Job(init_fn=lambda rng: create_train_state(model, tx, rng, sample),
-            train_step=make_train_step(make_classification_loss(model.apply), tx),
+            train_step=make_train_step(make_classification_loss(train_model.apply), tx),
             epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
             num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
             evaluate=evaluate,

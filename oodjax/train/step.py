@@ -92,6 +92,7 @@ def make_classification_loss(apply_fn: Callable) -> LossFn:
   def loss_fn(params, batch_stats, batch, rng):
     logits, new_batch_stats = _apply(apply_fn, params, batch_stats, batch["image"], train=True,
                                      rng=rng)  # [B, K]
+    logits = logits.astype(jnp.float32)  # the loss in float32 whatever the model computes in
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])  # [B]
     accuracy = jnp.mean(jnp.argmax(logits, axis=-1) == batch["label"])
     return jnp.mean(per_example), (new_batch_stats, {"accuracy": accuracy})
