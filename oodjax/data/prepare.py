@@ -29,14 +29,15 @@ def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = 
     The prepared version directory.
 
   Raises:
-    RuntimeError: if TensorFlow is not installed.
+    ImportError: TensorFlow is not installed (the message says how to install it; the CLI
+      prints it as one line).
   """
   name = name.partition(":")[0]
   data_dir = data_dir or default_data_dir()
   try:
     import tensorflow  # noqa: F401  (stock builders decode archives with tf.io)
   except ImportError:
-    raise RuntimeError(f"Preparing TFDS dataset {name!r} runs its TFDS builder, which needs "
+    raise ImportError(f"Preparing TFDS dataset {name!r} runs its TFDS builder, which needs "
                        f"TensorFlow. Install it with: {INSTALL_HINT}") from None
   import tensorflow_datasets as tfds
   builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
