@@ -10,7 +10,8 @@ checkpoint (or, when training has finished, only re-scores).
 Hardware and runtime: 2 CPU cores, 8.8 minutes from a fresh clone, setup included, on a
 2-core AMD EPYC in the last run (classifier 2.0 min; VMDLS encoder 1.3 min; evaluation 3.4 min,
 including VMDLS's fits and autoencoder; ENVISE 1.3 min); earlier runs on the same machine class
-took up to a third longer. The script prints its time per stage.
+took up to a third longer, and 12.8 minutes while sharing the cores with a CI run. The script
+prints its time per stage.
 `configs/fmnist_small_cnn.py:smoke` trains on 2,048 images for one epoch (about 20 s) and is
 what the tests use.
 
