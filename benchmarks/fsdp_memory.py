@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -60,7 +61,7 @@ def _measure(name: str, shape: tuple[int, ...], axes: tuple[str, ...], rule: str
   # The state's bytes on one device, from its shardings (what `memory_report` reads off the
   # live arrays during training).
   state_bytes = sum(
-      leaf.size * leaf.dtype.itemsize // _shards(s, mesh)
+      math.prod(s.shard_shape(leaf.shape)) * leaf.dtype.itemsize
       for leaf, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
   return {"model": name, "mesh": dict(zip(axes, mesh.devices.shape)), "param_sharding": rule,
           "state_bytes": int(state_bytes),
@@ -70,15 +71,6 @@ def _measure(name: str, shape: tuple[int, ...], axes: tuple[str, ...], rule: str
           "argument_bytes": int(analysis.argument_size_in_bytes),
           "temp_bytes": int(analysis.temp_size_in_bytes),
           "compile_s": round(seconds, 1)}
-
-
-def _shards(sharding, mesh) -> int:
-  n = 1
-  for entry in sharding.spec:
-    for axis in (entry if isinstance(entry, tuple) else (entry,)):
-      if axis is not None:
-        n *= mesh.shape[axis]
-  return n
 
 
 def main(argv=None) -> None:

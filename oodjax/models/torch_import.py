@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,20 +276,6 @@ def _convert(kind: str, tensors: dict[str, np.ndarray]) -> tuple[dict, dict]:
           {"mean": tensors["running_mean"], "var": tensors["running_var"]})
 
 
-def _get(tree: Mapping, path: Path):
-  for name in path:
-    if not isinstance(tree, Mapping) or name not in tree:
-      return None
-    tree = tree[name]
-  return tree
-
-
-def _set(tree: dict, path: Path, value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
 def import_state_dict(state_dict: Mapping[str, np.ndarray], model: nn.Module, *,
                       layout: str | None = None,
                       input_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
@@ -321,8 +308,10 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: nn.Module, *,
         else 3
     input_shape = (32, 32, channels)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
-  abstract = flax.core.unfreeze(abstract)
-  variables: dict[str, Any] = {}
+  # (collection, *module path, name) -> ShapeDtypeStruct, and the module paths with params.
+  targets = traverse_util.flatten_dict(flax.core.unfreeze(abstract))
+  modules = {key[1:-1] for key in targets if key[0] == "params"}
+  filled: dict[tuple[str, ...], np.ndarray] = {}
   used: set[str] = set()
   missing, unexpected, wrong = [], [], []
   for pair in spec.pairs(model):
@@ -330,7 +319,7 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: nn.Module, *,
                 "bn": ("weight", "bias", "running_mean", "running_var")}[pair.kind]
     tensors = {s: state_dict[f"{pair.prefix}.{s}"] for s in suffixes
                if f"{pair.prefix}.{s}" in state_dict}
-    has_flax = _get(abstract["params"], pair.path) is not None
+    has_flax = pair.path in modules
     if not tensors and not has_flax:
       continue  # e.g. a block without projection shortcut: neither side has it
     if not has_flax:
@@ -345,22 +334,18 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: nn.Module, *,
     params, stats = _convert(pair.kind, tensors)
     for collection, values in (("params", params), ("batch_stats", stats)):
       for name, value in values.items():
-        target = _get(abstract.get(collection, {}), pair.path + (name,))
-        where = f"{pair.prefix} -> {collection}/{'/'.join(pair.path)}/{name}"
+        key = (collection, *pair.path, name)
+        target = targets.get(key)
+        where = f"{pair.prefix} -> {'/'.join(key)}"
         if target is None:
           wrong.append(f"{where}: the zoo module has no {name!r}")
         elif tuple(value.shape) != tuple(target.shape):
           wrong.append(f"{where}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
         else:
-          _set(variables.setdefault(collection, {}), pair.path + (name,),
-               np.asarray(value, dtype=target.dtype))
+          filled[key] = np.asarray(value, dtype=target.dtype)
   unexpected += sorted(k for k in state_dict if k not in used
                        and not k.endswith("num_batches_tracked"))
-  unfilled = ["/".join(map(str, (collection,) + tuple(getattr(p, "key", p) for p in path)))
-              for collection in abstract
-              for path, _ in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]
-              if _get(variables.get(collection, {}),
-                      tuple(getattr(p, "key", p) for p in path)) is None]
+  unfilled = ["/".join(key) for key in targets if key not in filled]
   problems = [(title, items) for title, items in (
       ("shapes that differ", wrong), ("checkpoint tensors missing", missing),
       ("checkpoint tensors no module takes", unexpected),
@@ -373,7 +358,7 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], model: nn.Module, *,
     detail = "; ".join(f"{title} ({len(items)}): {items[:10]}" for title, items in problems)
     raise ValueError(f"the {layout} checkpoint does not fit {type(model).__name__} "
                      f"{_describe(model)}{hint}: {detail}")
-  return variables
+  return traverse_util.unflatten_dict(filled)
 
 
 def _describe(model: nn.Module) -> str:

@@ -132,8 +132,6 @@ def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | Non
   if tc.batch_size > len(train_ds):
     raise ValueError(f"batch size {tc.batch_size} exceeds the {len(train_ds)} training "
                      f"examples of {train_ds.name!r}")
-  shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)  # raises if unknown
-  _compute_model(model, tc.get("compute_dtype", "float32"))  # raises if unknown
   shards = shd.data_axis_size(mesh)
   if tc.batch_size % shards:
     raise ValueError(f"batch size {tc.batch_size} is not divisible by the {shards} devices of "
@@ -228,13 +226,17 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       is a ValueError instead of the start of a training run.
 
   Returns:
-    (state, summary) with state the final TrainState (replicated over the mesh) and summary
-    {"step", "total_steps", "steps_per_epoch", "resumed_from" (step or None),
-    "already_finished", "eval" (last eval dict or None), "best_step", "train_seconds"}.
+    (state, summary) with state the final TrainState (replicated over the mesh, also after
+    FSDP training) and summary {"step", "total_steps", "steps_per_epoch", "resumed_from"
+    (step or None), "already_finished", "eval" (last eval dict or None), "best_step",
+    "train_seconds", and "memory" when steps ran (`sharding.memory_report`)}.
   """
   mesh = shd.make_mesh(config.mesh.shape, config.mesh.axes)
   _validate(config, model, train_ds, eval_ds, mesh)
   tc = config.train
+  # Both raise on an unknown setting, before anything is computed.
+  rule = shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)
+  train_model = _compute_model(model, tc.get("compute_dtype", "float32"))
   batch_size = int(tc.batch_size)
   steps_per_epoch = len(train_ds) // batch_size
   tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
@@ -254,8 +256,6 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
       return _evaluate(eval_step, state, padded_eval_ds, batch_size,
                        shd.batch_sharding(mesh))
 
-  rule = shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)
-  train_model = _compute_model(model, tc.get("compute_dtype", "float32"))
   job = Job(init_fn=lambda rng: create_train_state(model, tx, rng, sample),
             train_step=make_train_step(make_classification_loss(train_model.apply), tx),
             epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
