@@ -7,6 +7,10 @@
                   (a PyTorch state dict into DIR/imported/, which `evaluate` and `run` then
                   score instead of training a classifier; `oodjax.models.torch_import`)
 
+Several processes (TPU pod slices, multi-GPU hosts, Slurm): `oodjax train` on every process
+with OODJAX_DISTRIBUTED=auto, or OODJAX_COORDINATOR_ADDRESS, OODJAX_NUM_PROCESSES and
+OODJAX_PROCESS_ID set (`oodjax.train.distributed`); evaluation then runs on one process.
+
 A config with an `envise` section also runs ENVISE after the evaluation (`run` and `evaluate`),
 with the classifier as the frozen teacher, in DIR/envise (`oodjax.envise.pipeline`).
   oodjax data list [--data-dir DIR]
@@ -39,6 +43,12 @@ def _load_experiment(args):
   from oodjax.config import load_config
 
   config = load_config(args.config, args.overrides)
+  from oodjax.train import distributed
+  # Before anything touches a device: a multi-process run connects its processes first.
+  if distributed.initialize(config) and args.command != "train":
+    raise ValueError(f"`oodjax {args.command}` runs on one process; train with several "
+                     "(`oodjax train`), then evaluate on one: the checkpoint restores into any "
+                     "mesh")
   from oodjax.detectors import REGISTRY
   from oodjax.evaluate import check_plan  # a bad detector list fails now, not after training
   check_plan(config.eval.detectors, REGISTRY, config.eval.holdout)

@@ -248,6 +248,27 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference_run, tmp_pat
   _assert_trees_equal(_params(state), params)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_readable_checkpoint_is_an_error_that_moves_nothing(reference_run, tmp_path):
+  """When every step fails to restore, the run stops with an error instead of silently
+  starting over, and every checkpoint stays where it was."""
+  import shutil
+  workdir, _, _ = reference_run
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  steps = sorted(_finalized_steps(copy / "checkpoints"))
+  assert len(steps) >= 2
+  for path in glob.glob(str(copy / "checkpoints" / "*" / "state" / "**" / "d" / "*"),
+                        recursive=True):
+    with open(path, "r+b") as f:
+      f.truncate(7)
+  with pytest.raises(ValueError, match=f"step {steps[-1]}, fails"):
+    train_classifier(tiny_config(), copy, model=TinyNet(), train_ds=tiny_dataset(),
+                     progress=False)
+  assert sorted(_finalized_steps(copy / "checkpoints")) == steps
+  assert not glob.glob(str(copy / "checkpoints" / "*.corrupt*"))
+
+
 def _finalized_steps(checkpoint_dir):
   try:
     return [int(d) for d in os.listdir(checkpoint_dir) if d.isdigit()]

@@ -210,7 +210,8 @@ def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
     sharding: where to place each batch, e.g. `NamedSharding(mesh, P("data"))` to split the
       batch dimension over the mesh's data axis; None places on the default device. The batch
       size (and the final partial batch, unless dropped) must divide evenly over the devices
-      along the batch dimension. Single-process only: each batch is built whole on this host.
+      along the batch dimension. In a multi-process run each process builds and transfers
+      only its own rows of every batch (`local_rows`); the batches are the same.
 
   Raises:
     ValueError: if a batch cannot be split evenly under `sharding`.
@@ -224,13 +225,58 @@ def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
            else np.arange(n))
   num_batches = n // batch_size if drop_remainder else -(-n // batch_size)
   for b in range(start_batch, num_batches):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    images = dataset.images[idx]
-    if augment:
-      images = _crop_and_flip(images, np.random.default_rng([seed or 0, epoch, b, 1]))
+    idx = order[b * batch_size:(b + 1) * batch_size]  # the global batch
+    rows = local_rows(sharding, idx.size)  # this process's part of it (all of it, usually)
+    images = dataset.images[idx[rows]]
+    if augment:  # drawn for the whole batch, so a row's crop does not depend on the processes
+      images = _crop_and_flip(images, np.random.default_rng([seed or 0, epoch, b, 1]),
+                              n=idx.size, rows=rows)
     batch = {"image": normalize(images, dataset.mean, dataset.std),
-             "label": dataset.labels[idx].astype(np.int32)}
-    yield jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
+             "label": dataset.labels[idx[rows]].astype(np.int32)}
+    yield place(batch, sharding, idx.size)
+
+
+def local_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> slice:
+  """The rows of a global batch of `batch_size` that this process's devices hold.
+
+  With one process that is every row. In a multi-process run (`oodjax.train.distributed`) a
+  batch split over the mesh's data axis lives partly on each process; each process gathers,
+  augments and transfers only its own rows, which `place` assembles into the global array.
+
+  Raises:
+    ValueError: if this process's rows are not one contiguous block (a mesh whose data axis
+      interleaves the processes' devices).
+  """
+  if sharding is None or jax.process_count() == 1:
+    return slice(0, batch_size)
+  spans = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+           for s in sharding.addressable_devices_indices_map((batch_size,)).values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(spans)} of each batch, "
+                     "not one block; order the mesh's devices by process (jax.make_mesh does)")
+  return slice(lo, hi)
+
+
+def place(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding | None,
+          batch_size: int) -> dict[str, jax.Array]:
+  """Puts a host batch on the devices: `batch` holds the `local_rows(sharding, batch_size)`
+  of a global batch of `batch_size` rows (all of them with one process).
+
+  Args:
+    batch: {name: [b, ...] numpy array}, b the number of local rows.
+    sharding: the batch sharding; None places on the default device.
+    batch_size: rows of the global batch.
+
+  Returns:
+    {name: [batch_size, ...] jax.Array} under `sharding`.
+  """
+  if sharding is None:
+    return jax.device_put(batch)
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:]))
+          for k, v in batch.items()}
 
 
 def _check_divisible(sharding: jax.sharding.Sharding, batch_size: int, n: int,
@@ -249,15 +295,23 @@ def _check_divisible(sharding: jax.sharding.Sharding, batch_size: int, n: int,
                      f"split over {parts} devices; pass drop_remainder=True or change batch_size")
 
 
-def _crop_and_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-  """Random crop from a zero-padded image and random horizontal flip, per image."""
-  n, h, w, _ = images.shape
+def _crop_and_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4, *,
+                   n: int | None = None, rows: slice | None = None) -> np.ndarray:
+  """Random crop from a zero-padded image and random horizontal flip, per image.
+
+  The draws are made for a batch of `n` images (default: all of `images`), of which `images`
+  are the `rows`: the same image gets the same crop whichever process augments it.
+  """
+  _, h, w, _ = images.shape
+  n = images.shape[0] if n is None else n
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   dy = rng.integers(0, 2 * pad + 1, n)
   dx = rng.integers(0, 2 * pad + 1, n)
   flip = rng.random(n) < 0.5
+  if rows is not None:
+    dy, dx, flip = dy[rows], dx[rows], flip[rows]
   out = np.empty_like(images)
-  for i in range(n):
+  for i in range(images.shape[0]):
     crop = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
     out[i] = crop[:, ::-1] if flip[i] else crop
   return out

@@ -40,7 +40,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from oodjax.data.core import ImageDataset, _check_divisible, _crop_and_flip, normalize
+from oodjax.data.core import (ImageDataset, _check_divisible, _crop_and_flip, local_rows,
+                              normalize, place)
 
 # Last entry of the seed lists, so the random streams never coincide with each other or with
 # `batches`' augmentation stream ([seed, epoch, batch, 1]).
@@ -237,9 +238,11 @@ def _generate(dataset: ImageDataset, classes_per_batch: int, per_class: int, see
     classes = _classes_for_batch(present, classes_per_batch, seed, epoch, b)
     idx = _batch_positions(members, classes, uses, per_class, seed, epoch)  # [B]
     uses[classes] += 1
-    images = dataset.images[idx]
+    rows = local_rows(sharding, idx.size)  # this process's rows of the global batch
+    images = dataset.images[idx[rows]]
     if augment:
-      images = _crop_and_flip(images, np.random.default_rng([seed, epoch, b, 1]))
+      images = _crop_and_flip(images, np.random.default_rng([seed, epoch, b, 1]), n=idx.size,
+                              rows=rows)
     batch = {"image": normalize(images, dataset.mean, dataset.std),
-             "label": labels[idx].astype(np.int32)}
-    yield jax.device_put(batch, sharding) if sharding is not None else jax.device_put(batch)
+             "label": labels[idx[rows]].astype(np.int32)}
+    yield place(batch, sharding, idx.size)

@@ -132,7 +132,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
   """
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state),
-      rng=ocp.args.StandardRestore(),
+      rng=ocp.args.StandardRestore(_abstract_key_data(abstract_state)),
       meta=ocp.args.JsonRestore()))
   meta = dict(restored["meta"])
   rng = jax.random.wrap_key_data(jax.numpy.asarray(restored["rng"]["key_data"]),
@@ -140,24 +140,55 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
   return restored["state"], rng, meta
 
 
+def _abstract_key_data(abstract_state: PyTree) -> dict[str, jax.ShapeDtypeStruct]:
+  """The target the saved key data is read into: replicated over the state's mesh.
+
+  Without a target Orbax would restore it onto the devices that saved it, which fails
+  ("Topology mismatch") when a run resumes on another number of processes or devices.
+  """
+  shardings = [leaf.sharding for leaf in jax.tree.leaves(abstract_state)
+               if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)]
+  sharding = (jax.sharding.NamedSharding(shardings[0].mesh, jax.sharding.PartitionSpec())
+              if shardings else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  return {"key_data": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=sharding)}
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree
                    ) -> tuple[PyTree, jax.Array, dict[str, Any]] | None:
   """Restores the newest checkpoint that can be read, or returns None if there is none.
 
   A step that fails to restore (a file truncated or deleted, e.g. by a disk filling up or a
-  copy interrupted outside Orbax) is logged as a warning naming the step, moved aside to
-  `<step>.corrupt`, and the next older step is tried. Moving it aside (rather than deleting)
-  keeps it for inspection and lets the resumed run save that step number again.
+  copy interrupted outside Orbax) is logged as a warning naming the step, and the next older
+  step is tried. Once an older step restores, the newer unreadable ones are moved aside to
+  `<step>.corrupt`: kept for inspection, and the resumed run can save those step numbers again.
+
+  Raises:
+    ValueError: when steps exist but none restores. That is rarely corruption of them all and
+      more often a state that no longer matches (another model or optimizer in the same
+      workdir); the checkpoints are left untouched and the first error is named.
   """
+  failed = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return restore_checkpoint(manager, step, abstract_state)
+      restored = restore_checkpoint(manager, step, abstract_state)
     except Exception as error:  # Orbax raises many types for unreadable files.
       # Tensorstore errors embed a kilobyte of JSON spec; the head names the file.
-      logger.warning("checkpoint step %d in %s is unreadable (%s: %.300s); falling back to "
-                     "the previous checkpoint", step, manager.directory, type(error).__name__,
+      logger.warning("checkpoint step %d in %s is unreadable (%s: %.300s); trying the "
+                     "previous checkpoint", step, manager.directory, type(error).__name__,
                      str(error))
-      _move_aside(manager, step)
+      failed.append((step, error))
+      continue
+    for bad_step, _ in failed:
+      _move_aside(manager, bad_step)
+    return restored
+  if failed:
+    step, error = failed[0]
+    raise ValueError(
+        f"none of the checkpoints {[s for s, _ in failed]} in {manager.directory} restores into "
+        f"this run's state; the newest, step {step}, fails with {type(error).__name__}: "
+        f"{str(error):.300}. Was the workdir written by another model or optimizer? The "
+        "checkpoints were left as they are") from error
   return None
 
 
@@ -170,6 +201,8 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     target = manager.directory / f"{step}.corrupt{suffix}"
   if jax.process_index() == 0:
     step_dir.rename(target)
+  if jax.process_count() > 1:  # every process sees the step gone before reloading
+    ocp.multihost.sync_global_processes(f"oodjax_move_aside_{step}")
   manager.reload()
 
 

@@ -163,7 +163,7 @@ def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | Non
                      f"(1, {num_classes}) for the classes of {train_ds.name!r}")
 
 
-def _pad_eval_set(eval_ds: ImageDataset, batch_size: int) -> ImageDataset:
+def pad_eval_set(eval_ds: ImageDataset, batch_size: int) -> ImageDataset:
   """The eval set padded with label -1 to whole batches.
 
   Every batch then has the same, shardable shape (one compilation), and `make_eval_step`
@@ -177,7 +177,7 @@ def _pad_eval_set(eval_ds: ImageDataset, batch_size: int) -> ImageDataset:
 
 def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
               batch_sharding) -> dict[str, float]:
-  """Accuracy and mean loss over a set padded by `_pad_eval_set`."""
+  """Accuracy and mean loss over a set padded by `pad_eval_set`."""
   totals = None
   for batch in batches(padded_eval_ds, batch_size, sharding=batch_sharding):
     sums = eval_step(state, batch)
@@ -249,7 +249,7 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
 
   evaluate = None
   if eval_ds is not None:
-    padded_eval_ds = _pad_eval_set(eval_ds, batch_size)
+    padded_eval_ds = pad_eval_set(eval_ds, batch_size)
     eval_step = jax.jit(make_eval_step(model.apply))
 
     def evaluate(state):

@@ -31,6 +31,7 @@ import numpy as np
 import tqdm
 
 from oodjax.train import checkpoint as ckpt
+from oodjax.train import distributed
 from oodjax.train import sharding as shd
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
   workdir = os.fspath(workdir)
   total_steps = job.total_steps
   init_rng, train_rng = jax.random.split(jax.random.key(int(seed)))
+  init_rng = shd.replicate_key(init_rng, mesh)
   abstract_state = jax.eval_shape(job.init_fn, init_rng)
   state_shardings = (job.state_shardings(abstract_state) if job.state_shardings is not None
                      else shd.state_sharding(abstract_state, mesh))
@@ -149,7 +151,7 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
         logger.warning("resuming step %d of a run whose config differed (hash %s, now %s)",
                        resumed_from, meta.get("config_hash"), digest)
       logger.info("resuming from step %d in %s", resumed_from, workdir)
-    train_rng = jax.device_put(train_rng, shd.replicated(mesh))
+    train_rng = shd.replicate_key(train_rng, mesh)
     # A state stacked over variants (a vmapped ablation) holds one equal step per variant.
     start_step = int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
     summary = {"step": start_step, "total_steps": total_steps,
@@ -163,14 +165,17 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
           f"{workdir} holds no finished training run (at step {start_step} of {total_steps});"
           " run `oodjax train` or `oodjax run` with the same config first")
 
+    # Every process runs every step; only process 0 logs and writes metrics.
+    main = distributed.is_main_process()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    truncate_metrics(metrics_path, start_step)
+    if main:
+      truncate_metrics(metrics_path, start_step)
     train_step = shd.jit_train_step(job.train_step, mesh, state_shardings)
     log_every = int(config.train.log_every_steps)
     every = int(config.checkpoint.every_steps)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = (sys.stderr.isatty() if progress is None else progress) and main
     start_time = time.perf_counter()
-    with open(metrics_path, "a") as metrics_file, \
+    with (open(metrics_path, "a") if main else open(os.devnull, "w")) as metrics_file, \
         tqdm.tqdm(total=total_steps, initial=start_step, disable=not show, unit="step",
                   dynamic_ncols=True) as bar:
       step = start_step
@@ -183,7 +188,8 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
           if "memory" not in summary:  # compiled once, ahead of time, to read its memory
             train_step = train_step.lower(state, batch, train_rng).compile()
             summary["memory"] = shd.memory_report(train_step, state)
-            _print_memory(summary["memory"], mesh, show)
+            if main:
+              _print_memory(summary["memory"], mesh, show)
           state, metrics = train_step(state, batch, train_rng)
           step += 1
           # Summed on device, fetched only at log time, so logging does not stall the step.

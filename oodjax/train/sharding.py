@@ -149,6 +149,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+  """A PRNG key (the same on every process) as one array replicated over the whole mesh.
+
+  `jax.device_put` cannot move an array held by one process onto devices of others, so the
+  key travels through host memory, as every process's equal copy of it.
+  """
+  data = np.asarray(jax.random.key_data(key))
+  return jax.random.wrap_key_data(jax.device_put(data, replicated(mesh)),
+                                  impl=jax.random.key_impl(key))
+
+
 def state_sharding(abstract_state: PyTree, mesh: Mesh,
                    spec_fn: Callable[[Any, jax.ShapeDtypeStruct], P] | None = None) -> PyTree:
   """Shardings for every leaf of a state.

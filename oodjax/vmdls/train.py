@@ -62,7 +62,7 @@ from oodjax.data.core import ImageDataset, batches
 from oodjax.data.sampler import check_class_balanced, class_balanced_batches
 from oodjax.models.autoencoder import ConvAutoencoder, reconstruction_loss
 from oodjax.train import sharding as shd
-from oodjax.train.classifier import config_hash, default_train_config
+from oodjax.train.classifier import config_hash, default_train_config, pad_eval_set
 from oodjax.train.loop import Job, run_job
 from oodjax.train.schedules import make_optimizer
 from oodjax.train.state import TrainState, create_train_state
@@ -300,9 +300,13 @@ def train_vmdls(config: ml_collections.ConfigDict, workdir: str, *, backbone: nn
   if eval_ds is not None:
     eval_step = jax.jit(functools.partial(_nearest_mean_correct, model))
 
+    # Whole batches split over the mesh like the training batches (the padding, label -1, is
+    # not counted), so the same code serves one process or several.
+    padded_eval_ds = pad_eval_set(eval_ds, job.batch_size)
+
     def evaluate(state):
       correct = count = 0
-      for batch in batches(eval_ds, job.batch_size):
+      for batch in batches(padded_eval_ds, job.batch_size, sharding=shd.batch_sharding(mesh)):
         sums = jax.device_get(eval_step(state, batch))
         correct, count = correct + int(sums["correct"]), count + int(sums["count"])
       return {"eval_accuracy": correct / max(count, 1), "eval_count": count}
