@@ -183,8 +183,46 @@ def _fsdp_memory(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _input_pipeline(r: dict) -> str:
+  goal = r["goal"]
+  shape = "x".join(map(str, r["image_shape"]))
+  lines = [
+      f"`{r['config']}`: `{r['model']}` on `{r['dataset']}` ({shape}), batch "
+      f"{r['batch_size']}, {r['optimizer']}; {r['steps']} training steps per timing, medians of "
+      f"{r['repeats']} interleaved repeats, prefetch {r['prefetch_size']} ahead; "
+      f"{r['cpu_threads']} CPU threads of {r.get('cpu', 'an unrecorded CPU')} ({r['backend']}, "
+      f"jax {r['jax']}); load average (1 min, counting the benchmark's own threads) in the "
+      "last column.", "",
+      "| augment | path | seconds | images/s | against the floor | load before, after |",
+      "|---|---|---|---|---|---|"]
+  for st in r["settings"]:
+    floor = st["seconds"]["floor"]
+    for name, sec in st["seconds"].items():
+      if name == "floor":
+        versus = "(the floor)"
+      elif name == "device":
+        ok = "met" if st["cost_device"] < goal else "**not met**"
+        versus = f"**{100 * st['cost_device']:+.1f}%** (goal < {100 * goal:g}%, {ok})"
+      else:
+        versus = f"{100 * (sec - floor) / floor:+.1f}%"
+      lines.append(f"| {st['augment']} | {name} | {sec:.3f} | {st['images_per_s'][name]:.0f} "
+                   f"| {versus} | {st['load_before'][0]:.2f}, {st['load_after'][0]:.2f} |")
+  lines += ["", "Median over repeats of each repeat's own ratio to the floor (the contenders of a "
+            "repeat run back to back): " + "; ".join(
+                f"augment={st['augment']}: device {100 * st['cost_device_paired']:+.1f}%, "
+                f"host {100 * st['cost_host_paired']:+.1f}%" for st in r["settings"]) + "."]
+  pieces = list(r["settings"][0]["ms_per_batch"])
+  lines += ["", "Each path's input work alone, milliseconds per batch (medians):", "",
+            "| augment | " + " | ".join(pieces) + " |", "|---" * (len(pieces) + 1) + "|"]
+  for st in r["settings"]:
+    lines.append(f"| {st['augment']} | "
+                 + " | ".join(f"{st['ms_per_batch'][k]:.2f}" for k in pieces) + " |")
+  return "\n".join(lines)
+
+
 RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid,
-          "vmdls": _vmdls, "envise_xnor": _envise_xnor, "fsdp_memory": _fsdp_memory}
+          "vmdls": _vmdls, "envise_xnor": _envise_xnor, "fsdp_memory": _fsdp_memory,
+          "input_pipeline": _input_pipeline}
 
 
 def main() -> None:

@@ -183,3 +183,17 @@ def test_batches_on_fake_device_mesh():
   assert len(errors) == 2
   assert "not divisible by the 4 devices" in errors[0]
   assert "drop_remainder=True" in errors[1]
+
+
+def test_uint8_batches_are_the_stored_images_in_the_same_order():
+  ds = _toy(n=23, c=3)
+  host = list(batches(ds, 5, seed=3, epoch=1))
+  raw = list(batches(ds, 5, seed=3, epoch=1, uint8=True))
+  assert len(raw) == len(host) == 5
+  for h, r in zip(host, raw):
+    assert r["image"].dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(r["label"]), np.asarray(h["label"]))
+    np.testing.assert_array_equal(normalize(np.asarray(r["image"]), ds.mean, ds.std),
+                                  np.asarray(h["image"]))
+  with pytest.raises(ValueError, match="augmented on the device"):
+    list(batches(ds, 5, uint8=True, augment=True))

@@ -193,8 +193,8 @@ def from_arrays(images, labels=None, *, class_names=(), mean=None, std=None,
 
 def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
             epoch: int = 0, start_batch: int = 0, drop_remainder: bool = False,
-            augment: bool = False, sharding: jax.sharding.Sharding | None = None
-            ) -> Iterator[dict[str, jax.Array]]:
+            augment: bool = False, sharding: jax.sharding.Sharding | None = None,
+            uint8: bool = False) -> Iterator[dict[str, jax.Array]]:
   """Yields normalised batches {"image": [B, H, W, C] float32, "label": [B] int32}.
 
   Args:
@@ -212,13 +212,19 @@ def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
       size (and the final partial batch, unless dropped) must divide evenly over the devices
       along the batch dimension. In a multi-process run each process builds and transfers
       only its own rows of every batch (`local_rows`); the batches are the same.
+    uint8: yield the images as stored, [B, H, W, C] uint8, a quarter of the bytes; the jitted
+      step normalises (and augments) them on the device (`oodjax.data.device_input`).
 
   Raises:
-    ValueError: if a batch cannot be split evenly under `sharding`.
+    ValueError: if a batch cannot be split evenly under `sharding`, or for `uint8` with
+      `augment` (uint8 batches are augmented on the device).
   """
   n = len(dataset)
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if uint8 and augment:
+    raise ValueError("uint8 batches are augmented on the device (device_input.prepare_batch), "
+                     "not here: pass augment=False with uint8=True")
   if sharding is not None:
     _check_divisible(sharding, batch_size, n, drop_remainder)
   order = (np.random.default_rng([seed, epoch]).permutation(n) if seed is not None
@@ -231,7 +237,7 @@ def batches(dataset: ImageDataset, batch_size: int, *, seed: int | None = None,
     if augment:  # drawn for the whole batch, so a row's crop does not depend on the processes
       images = _crop_and_flip(images, np.random.default_rng([seed or 0, epoch, b, 1]),
                               n=idx.size, rows=rows)
-    batch = {"image": normalize(images, dataset.mean, dataset.std),
+    batch = {"image": images if uint8 else normalize(images, dataset.mean, dataset.std),
              "label": dataset.labels[idx[rows]].astype(np.int32)}
     yield place(batch, sharding, idx.size)
 

@@ -5,7 +5,9 @@ Config keys read (an `ml_collections.ConfigDict`; start from `default_train_conf
   config.seed                    int: parameter init, dropout keys and the data order.
   config.train.num_epochs        int >= 1.
   config.train.batch_size        int: global batch B, a multiple of the mesh's data axis.
-  config.train.augment           bool: random crop + flip (CIFAR-style images only).
+  config.train.augment           bool: random crop (4-pixel zero padding) + horizontal flip,
+                                 CIFAR-style images only; done on the device inside the
+                                 jitted step, keyed by the step (`with_device_input`).
   config.train.optimizer         "sgd" | "adam" | "adamw".
   config.train.learning_rate     float: the peak / initial learning rate.
   config.train.momentum          float (sgd).
@@ -57,11 +59,13 @@ import ml_collections
 import numpy as np
 
 from oodjax.data.core import ImageDataset, batches
+from oodjax.data.device_input import prepare_batch
 from oodjax.train import sharding as shd
 from oodjax.train.loop import Job, run_job
 from oodjax.train.schedules import make_optimizer
 from oodjax.train.state import TrainState, create_train_state
-from oodjax.train.step import make_classification_loss, make_eval_step, make_train_step
+from oodjax.train.step import (LossFn, make_classification_loss, make_eval_step,
+                               make_train_step)
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +183,29 @@ def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
               batch_sharding) -> dict[str, float]:
   """Accuracy and mean loss over a set padded by `pad_eval_set`."""
   totals = None
-  for batch in batches(padded_eval_ds, batch_size, sharding=batch_sharding):
+  for batch in batches(padded_eval_ds, batch_size, sharding=batch_sharding, uint8=True):
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = int(totals["count"])
   return {"eval_accuracy": float(totals["correct"]) / count,
           "eval_loss": float(totals["loss_sum"]) / count, "eval_count": count}
+
+
+def with_device_input(loss_fn: LossFn, dataset: ImageDataset, *, augment: bool) -> LossFn:
+  """`loss_fn` on uint8 batches: it first augments (when `augment`) and normalises them with
+  `dataset`'s statistics, inside the jitted step (`device_input.prepare_batch`).
+
+  The augmentation key is `fold_in(rng, 1)` of the step's key `rng`, whose own use (dropout)
+  is unchanged; both depend only on (seed, step), so a resumed run crops as an uninterrupted
+  one, and so does a run on another number of processes.
+  """
+  def loss(params, batch_stats, batch, rng):
+    batch = prepare_batch(batch, jax.random.fold_in(rng, 1), mean=dataset.mean, std=dataset.std,
+                          augment=augment)
+    return loss_fn(params, batch_stats, batch, rng)
+
+  return loss
 
 
 def _compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
@@ -242,22 +262,26 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
   tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
   sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
 
+  # uint8 batches go to the devices; the step crops, flips and normalises them itself.
   def epoch_batches(epoch, start_batch, sharding):
     return batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
-                   start_batch=start_batch, drop_remainder=True, augment=bool(tc.augment),
-                   sharding=sharding)
+                   start_batch=start_batch, drop_remainder=True, sharding=sharding, uint8=True)
 
+  loss_fn = with_device_input(make_classification_loss(train_model.apply), train_ds,
+                              augment=bool(tc.augment))
   evaluate = None
   if eval_ds is not None:
     padded_eval_ds = pad_eval_set(eval_ds, batch_size)
-    eval_step = jax.jit(make_eval_step(model.apply))
+    plain_eval_step = make_eval_step(model.apply)
+    eval_step = jax.jit(lambda state, batch: plain_eval_step(
+        state, prepare_batch(batch, None, mean=eval_ds.mean, std=eval_ds.std, augment=False)))
 
     def evaluate(state):
       return _evaluate(eval_step, state, padded_eval_ds, batch_size,
                        shd.batch_sharding(mesh))
 
   job = Job(init_fn=lambda rng: create_train_state(model, tx, rng, sample),
-            train_step=make_train_step(make_classification_loss(train_model.apply), tx),
+            train_step=make_train_step(loss_fn, tx),
             epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
             num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
             evaluate=evaluate,

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from oodjax.data.device_input import prefetch
 from oodjax.train import checkpoint as ckpt
 from oodjax.train import distributed
 from oodjax.train import sharding as shd
@@ -37,6 +38,7 @@ from oodjax.train import sharding as shd
 logger = logging.getLogger(__name__)
 
 PyTree = Any
+PREFETCH = 2  # batches made ahead of the step that consumes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +137,7 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
   data_sharding = shd.batch_sharding(mesh)
 
   os.makedirs(workdir, exist_ok=True)
+  epoch_iter = None
   manager = ckpt.make_checkpoint_manager(
       os.path.join(workdir, "checkpoints"), every_steps=int(config.checkpoint.every_steps),
       keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save))
@@ -183,7 +186,9 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
       window, window_start, window_steps, paused = None, time.perf_counter(), 0, 0.0
       for epoch in range(start_step // job.steps_per_epoch, job.num_epochs):
         start_batch = step - epoch * job.steps_per_epoch
-        epoch_iter = job.epoch_batches(epoch, start_batch, data_sharding)
+        # The next batches are gathered and transferred in a thread while the device steps.
+        epoch_iter = prefetch(job.epoch_batches(epoch, start_batch, data_sharding),
+                              size=PREFETCH)
         for _, batch in zip(range(job.steps_per_epoch - start_batch), epoch_iter):
           if "memory" not in summary:  # compiled once, ahead of time, to read its memory
             train_step = train_step.lower(state, batch, train_rng).compile()
@@ -222,11 +227,15 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
                     if eval_metrics and ckpt.BEST_METRIC in eval_metrics else None)
             ckpt.save_checkpoint(manager, step, state, train_rng, meta, metrics=best)
             paused += time.perf_counter() - pause_start
+        epoch_iter.close()  # stops the prefetch thread (an epoch may have spare batches)
+        epoch_iter = None
     ckpt.wait_until_finished(manager)
     summary.update(step=step, eval=last_eval, already_finished=False,
                    best_step=ckpt.best_step(manager),
                    train_seconds=time.perf_counter() - start_time)
   finally:
+    if epoch_iter is not None:  # an exception mid-epoch: stop the prefetch thread
+      epoch_iter.close()
     # Also on an exception: a save already started is completed rather than left half-written.
     ckpt.close_checkpoint_manager(manager)
   return state, summary
