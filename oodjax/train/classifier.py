@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from oodjax.data.core import ImageDataset, batches
+from oodjax.data import streaming
+from oodjax.data.core import ImageDataset, batches, local_rows, place
 from oodjax.data.device_input import prepare_batch
 from oodjax.train import sharding as shd
 from oodjax.train.loop import Job, run_job
@@ -117,7 +118,8 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | None,
+def _validate(config, model, train_ds: ImageDataset | streaming.StreamedDataset,
+              eval_ds: ImageDataset | None,
               mesh) -> None:
   """Raises ValueError on anything that would fail (or silently go wrong) later."""
   missing = [f"{group}.{key}" for group, keys in _REQUIRED_KEYS.items()
@@ -143,7 +145,8 @@ def _validate(config, model, train_ds: ImageDataset, eval_ds: ImageDataset | Non
   num_classes = train_ds.num_classes
   if num_classes < 2:
     raise ValueError(f"{train_ds.name!r} has {num_classes} classes; a classifier needs >= 2")
-  for ds in [train_ds] + ([eval_ds] if eval_ds is not None else []):
+  in_memory = [ds for ds in (train_ds, eval_ds) if isinstance(ds, ImageDataset)]
+  for ds in in_memory:  # a streamed set is read batch by batch: nothing to check up front
     if ds.images.ndim != 4 or ds.images.dtype != np.uint8:
       raise ValueError(f"{ds.name!r}: images must be [N, H, W, C] uint8, got "
                        f"{ds.images.shape} {ds.images.dtype}")
@@ -192,6 +195,25 @@ def _evaluate(eval_step, state, padded_eval_ds: ImageDataset, batch_size: int,
           "eval_loss": float(totals["loss_sum"]) / count, "eval_count": count}
 
 
+def _streamed_epoch(dataset: streaming.StreamedDataset, batch_size: int, seed: int, epoch: int,
+                    start_step: int, sharding):
+  """One epoch of a streamed set from global step `start_step` on, as placed global batches:
+  this process reads only its rows of each (`streaming.stream_batches`' shards)."""
+  rows = local_rows(sharding, batch_size)
+  local = rows.stop - rows.start
+  if rows.start % local:
+    raise ValueError(f"this process holds rows {rows} of each batch, not a whole shard")
+  stream = streaming.stream_batches(
+      dataset.source, batch_size, seed=seed, shard_index=rows.start // local,
+      shard_count=batch_size // local, num_epochs=epoch + 1,
+      state=streaming.state_at(start_step, seed=seed, batch_size=batch_size,
+                               num_records=len(dataset)),
+      image_key=dataset.image_key, label_key=dataset.label_key)
+  with stream:
+    for batch in stream:
+      yield place(batch, sharding, batch_size)
+
+
 def with_device_input(loss_fn: LossFn, dataset: ImageDataset, *, augment: bool) -> LossFn:
   """`loss_fn` on uint8 batches: it first augments (when `augment`) and normalises them with
   `dataset`'s statistics, inside the jitted step (`device_input.prepare_batch`).
@@ -222,7 +244,7 @@ def _compute_model(model: nn.Module, compute_dtype: str) -> nn.Module:
 
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                     model: nn.Module, train_ds: ImageDataset,
+                     model: nn.Module, train_ds: ImageDataset | streaming.StreamedDataset,
                      eval_ds: ImageDataset | None = None, progress: bool | None = None,
                      restore_only: bool = False) -> tuple[TrainState, dict[str, Any]]:
   """Trains `model` on `train_ds` with softmax cross-entropy, resuming if it can.
@@ -239,7 +261,9 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
     model: a Linen classifier, `model.apply(variables, x, train=...) -> [B, K]` logits with
       K = train_ds.num_classes.
     train_ds: the training set; full batches only (the last partial batch of an epoch is
-      dropped, reshuffled into the next epoch).
+      dropped, reshuffled into the next epoch). A `streaming.StreamedDataset` (e.g.
+      `streaming.stream_tfds("imagenet2012", data_dir=...)`) is read batch by batch instead of
+      held in memory, in the same order; its iterator state is saved with each checkpoint.
     eval_ds: evaluated at every checkpoint and at the end; optional.
     progress: show a tqdm progress bar; None shows it when stderr is a terminal.
     restore_only: only restore a finished run (for `oodjax evaluate`); a workdir without one
@@ -258,14 +282,24 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
   rule = shd.param_rule(config.mesh.get("param_sharding", "replicated"), mesh)
   train_model = _compute_model(model, tc.get("compute_dtype", "float32"))
   batch_size = int(tc.batch_size)
+  streamed = isinstance(train_ds, streaming.StreamedDataset)
   steps_per_epoch = len(train_ds) // batch_size
   tx, schedule = make_optimizer(tc, int(tc.num_epochs) * steps_per_epoch)
   sample = jnp.zeros((1, *train_ds.image_shape), jnp.float32)
 
   # uint8 batches go to the devices; the step crops, flips and normalises them itself.
   def epoch_batches(epoch, start_batch, sharding):
+    if streamed:
+      return _streamed_epoch(train_ds, batch_size, int(config.seed), epoch,
+                             epoch * steps_per_epoch + start_batch, sharding)
     return batches(train_ds, batch_size, seed=int(config.seed), epoch=epoch,
                    start_batch=start_batch, drop_remainder=True, sharding=sharding, uint8=True)
+
+  data_state = None
+  if streamed:  # its iterator state goes into every checkpoint, and is checked on resuming
+    def data_state(step):
+      return streaming.state_at(step, seed=int(config.seed), batch_size=batch_size,
+                                num_records=len(train_ds))
 
   loss_fn = with_device_input(make_classification_loss(train_model.apply), train_ds,
                               augment=bool(tc.augment))
@@ -285,7 +319,8 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str | os.PathLi
             epoch_batches=epoch_batches, steps_per_epoch=steps_per_epoch,
             num_epochs=int(tc.num_epochs), batch_size=batch_size, schedule=schedule,
             evaluate=evaluate,
-            state_shardings=lambda abstract: shd.state_sharding(abstract, mesh, rule))
+            state_shardings=lambda abstract: shd.state_sharding(abstract, mesh, rule),
+            data_state=data_state)
   state, summary = run_job(job, config, workdir, mesh=mesh, digest=config_hash(config),
                            seed=int(config.seed), progress=progress, restore_only=restore_only)
   if rule is not None:  # what evaluation and the detectors take: whole parameters per device

@@ -59,6 +59,9 @@ class Job:
     evaluate: `state -> {name: float}`, run at every checkpoint (None: no evaluation). An
       "eval_accuracy" entry ranks checkpoints so the best one is kept.
     state_shardings: `abstract_state -> shardings` (None: everything replicated).
+    data_state: `step -> JSON dict`, the state of the data iterator after `step` steps
+      (`streaming.state_at`), saved with every checkpoint; a run resumed from one whose saved
+      state differs (other records, seed or batch size) stops with an error. None: not saved.
   """
   init_fn: Callable[[jax.Array], PyTree]
   train_step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict[str, jax.Array]]]
@@ -69,6 +72,7 @@ class Job:
   schedule: Callable[[int], Any] | None = None
   evaluate: Callable[[PyTree], dict[str, float]] | None = None
   state_shardings: Callable[[PyTree], PyTree] | None = None
+  data_state: Callable[[int], dict[str, Any]] | None = None
 
   @property
   def total_steps(self) -> int:
@@ -97,6 +101,16 @@ def _print_memory(memory: dict[str, int], mesh: jax.sharding.Mesh, bar: bool) ->
   logger.info(line)
   if bar:
     tqdm.tqdm.write(line)
+
+
+def _check_data_state(saved: dict[str, Any], now: dict[str, Any], workdir: str) -> None:
+  """Raises ValueError when a checkpoint's data iterator state is not this run's."""
+  differ = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now)
+            if saved.get(k) != now.get(k)}
+  if differ:
+    raise ValueError(f"the checkpoint in {workdir} was written reading other data "
+                     f"(saved vs now: {differ}); resuming would train on other batches. Use "
+                     "another workdir, or the data it was trained on")
 
 
 def _append_metrics(file, record: dict[str, Any]) -> None:
@@ -150,6 +164,8 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
     else:
       state, train_rng, meta = restored
       resumed_from, last_eval = int(meta["step"]), meta.get("eval")
+      if job.data_state is not None and "data" in meta:
+        _check_data_state(meta["data"], job.data_state(resumed_from), workdir)
       if meta.get("config_hash") != digest:
         logger.warning("resuming step %d of a run whose config differed (hash %s, now %s)",
                        resumed_from, meta.get("config_hash"), digest)
@@ -223,6 +239,8 @@ def run_job(job: Job, config: ml_collections.ConfigDict, workdir: str | os.PathL
             meta = {"step": step, "epoch": epoch,
                     "batch_in_epoch": step - epoch * job.steps_per_epoch,
                     "config_hash": digest, "eval": eval_metrics}
+            if job.data_state is not None:
+              meta["data"] = job.data_state(step)
             best = ({ckpt.BEST_METRIC: eval_metrics[ckpt.BEST_METRIC]}
                     if eval_metrics and ckpt.BEST_METRIC in eval_metrics else None)
             ckpt.save_checkpoint(manager, step, state, train_rng, meta, metrics=best)
