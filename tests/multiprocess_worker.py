@@ -1,12 +1,15 @@
 """One process of a (possibly multi-process) training run, for tests/test_multiprocess.py.
 
-  python tests/multiprocess_worker.py WORKDIR OUT.npz [--vmdls] [--restore-only] [--set k=v]...
+  python tests/multiprocess_worker.py WORKDIR OUT.npz [--vmdls] [--restore-only]
+                                      [--stream TFDS_DIR] [--set k=v]...
 
 Trains the classifier of `configs/fmnist_small_cnn.py:smoke` (every step logged) in WORKDIR,
 with the VMDLS encoder after it in WORKDIR/vmdls when --vmdls is given, through
 `oodjax.train.distributed.initialize`, so the OODJAX_* environment decides whether it is one
 process of several. Process 0 then writes the final parameters and BatchNorm statistics to
-OUT.npz and the run summaries to OUT.json.
+OUT.npz and the run summaries to OUT.json. With --stream, the classifier reads its training set
+batch by batch from the TFDS set `fmnist_smoke` in TFDS_DIR (`oodjax.data.streaming`), which
+the test wrote with the smoke run's images.
 """
 from __future__ import annotations
 
@@ -41,7 +44,12 @@ def main(argv: list[str]) -> None:
   test_ds = data.load_config_dataset(config, "test").take(slice(0, 1000))
   model = models.get_model(config.model, num_classes=train_ds.num_classes)
   restore_only = "--restore-only" in argv
-  state, summary = train_classifier(config, workdir, model=model, train_ds=train_ds,
+  classifier_ds = train_ds
+  if "--stream" in argv:
+    from oodjax.data import streaming
+    classifier_ds = streaming.stream_tfds("fmnist_smoke", data_dir=argv[argv.index("--stream") + 1],
+                                          mean=train_ds.mean, std=train_ds.std)
+  state, summary = train_classifier(config, workdir, model=model, train_ds=classifier_ds,
                                     eval_ds=test_ds, progress=False, restore_only=restore_only)
   arrays = {**_flat(state.params, "params"), **_flat(state.batch_stats, "batch_stats")}
   summaries = {"classifier": summary, "process_count": jax.process_count(),
