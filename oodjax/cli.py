@@ -1,6 +1,7 @@
 """The `oodjax` command line.
 
   oodjax train    --config configs/NAME.py[:ARG] --workdir DIR [--set key=value ...]
+  oodjax train    ... --stream   (a tfds/ training set read batch by batch, not into memory)
   oodjax evaluate --config ... --workdir DIR   (scores a trained checkpoint in DIR)
   oodjax run      --config ... --workdir DIR   (train, resuming if interrupted, then evaluate)
   oodjax import-torch CHECKPOINT --config ... --workdir DIR [--layout NAME]
@@ -56,21 +57,44 @@ def _load_experiment(args):
   if wanted and "vmdls" not in config:
     raise ValueError(f"{wanted} score a VMDLS encoder: the config needs a `vmdls` section "
                      "(oodjax.vmdls.vmdls_config())")
-  train_ds = data.load_config_dataset(config, "train", data_dir=args.data_dir)
-  test_ds = data.load_config_dataset(config, "test", data_dir=args.data_dir)
-  if config.get("train_size"):
-    train_ds = train_ds.take(slice(0, config.train_size))
-  data.validate(train_ds, require_labels=True)
+  if getattr(args, "stream", False):
+    train_ds, test_ds = _streamed_sets(config, args.data_dir)
+  else:
+    train_ds = data.load_config_dataset(config, "train", data_dir=args.data_dir)
+    test_ds = data.load_config_dataset(config, "test", data_dir=args.data_dir)
+    if config.get("train_size"):
+      train_ds = train_ds.take(slice(0, config.train_size))
+    data.validate(train_ds, require_labels=True)
   data.validate(test_ds, require_labels=True)
   model = models.get_model(config.model, num_classes=train_ds.num_classes)
   if _runs_envise(config):  # scenarios, students and gates checked before any training
     from oodjax.envise.pipeline import check_envise_config
     check_envise_config(config, train_ds.class_names)
-  if "vmdls" in config:  # its errors too come before any training
+  if "vmdls" in config and not getattr(args, "stream", False):  # errors before any training
     from oodjax.train.sharding import make_mesh
     from oodjax.vmdls.train import check_vmdls_config
     check_vmdls_config(config, train_ds, make_mesh(config.mesh.shape, config.mesh.axes))
   return config, model, train_ds, test_ds
+
+
+def _streamed_sets(config, data_dir):
+  """`oodjax train --stream`: the training split read batch by batch, the test split (for the
+  evaluation at checkpoints) in memory with the training statistics."""
+  from oodjax.data import streaming, tfds_sources
+  if not config.dataset.startswith("tfds/"):
+    raise ValueError(f"--stream reads TFDS array_record sets (dataset tfds/NAME), not "
+                     f"{config.dataset!r}, which loads into memory anyway")
+  spec = config.dataset.removeprefix("tfds/")
+  norm = config.get("normalization") or {}
+  # Statistics of the whole training split, as the in-memory path takes them.
+  train_ds = streaming.stream_tfds(spec, "train", data_dir=data_dir, mean=norm.get("mean"),
+                                   std=norm.get("std"))
+  if config.get("train_size"):
+    train_ds = streaming.stream_tfds(spec, f"train[:{int(config.train_size)}]",
+                                     data_dir=data_dir, mean=train_ds.mean, std=train_ds.std)
+  test_ds = tfds_sources.load_tfds(spec, "test", data_dir=data_dir,
+                                   stats=(train_ds.mean, train_ds.std))
+  return train_ds, test_ds
 
 
 def _variables(state):
@@ -158,7 +182,10 @@ def _cmd_train(args):
     raise ValueError(f"{args.workdir} holds imported weights ({imported_path(args.workdir)}): "
                      "`oodjax evaluate` scores them; train in another workdir")
   _classifier(args, config, model, train_ds, test_ds)
-  if "vmdls" in config:
+  if "vmdls" in config and args.stream:
+    print("VMDLS encoder not trained: its class-balanced batches need the training set in "
+          "memory (train without --stream for it)")
+  elif "vmdls" in config:
     _train_vmdls(args, config, train_ds, test_ds)
 
 
@@ -243,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_)
     _add_experiment_args(p)
     p.set_defaults(fn=fn)
+    if name == "train":
+      p.add_argument("--stream", action="store_true",
+                     help="read a tfds/ training set batch by batch instead of loading it into "
+                     "memory (oodjax.data.streaming; for sets larger than memory)")
   p = sub.add_parser("import-torch", help="import a PyTorch checkpoint (state dict) into a "
                      "workdir for `evaluate` (needs torch: pip install 'oodjax[torch]')")
   p.add_argument("checkpoint", help="a .pth/.pt file holding a state dict (read with "

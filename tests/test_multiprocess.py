@@ -21,6 +21,8 @@ import pytest
 
 from oodjax.train import distributed
 
+from train_helpers import write_fmnist_tfds  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multiprocess_worker.py"
 JAX_MESSAGE = "Terminating process because the JAX distributed service detected fatal errors"
@@ -148,35 +150,6 @@ def runs(tmp_path_factory):
   return tmp, one, two
 
 
-def _write_smoke_tfds(data_dir) -> None:
-  """The smoke run's 2,048 training images and labels as a TFDS array_record set
-  `fmnist_smoke`, written by TFDS itself (a GeneratorBasedBuilder; no TensorFlow)."""
-  import tensorflow_datasets as tfds
-
-  from oodjax import data
-  ds = data.load("embedded/fashion_mnist", "train").take(slice(0, 2048))
-
-  class FmnistSmoke(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    name = "fmnist_smoke"
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Tensor(shape=ds.image_shape, dtype=np.uint8),
-          "label": tfds.features.ClassLabel(names=list(ds.class_names))}),
-          disable_shuffling=True)  # records in the written order, as the in-memory run has them
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(len(ds)):
-        yield i, {"image": ds.images[i], "label": int(ds.labels[i])}
-
-  FmnistSmoke(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-
-
 @pytest.mark.slow
 def test_two_processes_train_as_one(runs):
   tmp, one, two = runs
@@ -257,7 +230,7 @@ def test_two_processes_stream_their_rows_of_each_batch(runs):
   """The classifier trained by 2 processes from a TFDS set read batch by batch (each process
   reading only its rows) follows the in-memory 1-process run step by step."""
   tmp, one, _ = runs
-  _write_smoke_tfds(tmp / "tfds")
+  write_fmnist_tfds(tmp / "tfds", n_train=2048)
   streamed = _run(tmp / "streamed", tmp / "streamed.npz", 2, 2, "--stream", str(tmp / "tfds"))
   want = _losses(tmp / "one" / "metrics.jsonl")
   got = _losses(tmp / "streamed" / "metrics.jsonl")

@@ -390,3 +390,29 @@ def test_training_from_a_stream_equals_training_in_memory_and_resumes(tfds_dir, 
   fewer = dataclasses.replace(streamed, source=[streamed.source[i] for i in range(N - 1)])
   with pytest.raises(ValueError, match="reading other data.*num_records"):
     _train(config, tmp_path / "streamed", fewer)
+
+
+@pytest.mark.slow
+def test_cli_train_stream_matches_training_in_memory(tmp_path, capsys):
+  """`oodjax train --stream` on a TFDS set trains the classifier on the batches that
+  `oodjax train` reads from the same set loaded into memory: the same losses, bit for bit."""
+  from oodjax.cli import main
+  from train_helpers import write_fmnist_tfds
+  write_fmnist_tfds(tmp_path / "tfds", n_train=512, n_test=200)
+  common = ["--config", "configs/fmnist_small_cnn.py:smoke", "--data-dir", str(tmp_path / "tfds"),
+            "--no-progress", "--set", "dataset=tfds/fmnist_smoke", "--set", "train_size=384",
+            "--set", "train.log_every_steps=1", "--set", "vmdls.train.num_epochs=1"]
+  assert main(["train", "--workdir", str(tmp_path / "streamed"), "--stream", *common]) == 0
+  assert "VMDLS encoder not trained" in capsys.readouterr().out
+  assert main(["train", "--workdir", str(tmp_path / "memory"), *common]) == 0
+
+  def records(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+      return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in f]
+
+  streamed, memory = records(tmp_path / "streamed"), records(tmp_path / "memory")
+  assert len([r for r in streamed if r["kind"] == "train"]) == 3  # 384 // 128
+  assert streamed == memory
+  assert main(["train", "--workdir", str(tmp_path / "x"), "--stream",
+               "--config", "configs/fmnist_small_cnn.py:smoke"]) == 2  # embedded: not TFDS
+  assert "--stream reads TFDS" in capsys.readouterr().err

@@ -60,6 +60,41 @@ def tiny_dataset(n: int = 48, *, seed: int = 0, num_classes: int = 3, name: str 
                       tuple(f"c{k}" for k in range(num_classes)), name)
 
 
+def write_fmnist_tfds(data_dir, *, n_train: int, n_test: int = 0,
+                      name: str = "fmnist_smoke") -> None:
+  """The first embedded Fashion-MNIST images as a TFDS array_record set `name` in `data_dir`
+  (splits "train" and, with n_test > 0, "test"), written by TFDS itself through a
+  GeneratorBasedBuilder (no TensorFlow), records in the written order."""
+  import tensorflow_datasets as tfds
+
+  from oodjax import data
+  splits = {"train": data.load("embedded/fashion_mnist", "train").take(slice(0, n_train))}
+  if n_test:
+    splits["test"] = data.load("embedded/fashion_mnist", "test").take(slice(0, n_test))
+  shape, names = splits["train"].image_shape, list(splits["train"].class_names)
+  builder_name = name
+
+  class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    name = builder_name
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+          "label": tfds.features.ClassLabel(names=names)}),
+          disable_shuffling=True)  # records in the written order, as in memory
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(ds) for split, ds in splits.items()}
+
+    def _generate_examples(self, ds):
+      for i in range(len(ds)):
+        yield i, {"image": ds.images[i], "label": int(ds.labels[i])}
+
+  Builder(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
 def tiny_config(**train_overrides):
   from oodjax.train import default_train_config
   config = default_train_config()

@@ -67,7 +67,7 @@ def not_prepared_message(name: str, data_dir: str | None) -> str:
 
 
 def load_tfds(spec: str, split: str = "test", *, data_dir: str | None = None,
-              size: int | None = None) -> ImageDataset:
+              size: int | None = None, stats=None) -> ImageDataset:
   """Loads `tfds/<spec>` from prepared array_record files.
 
   Args:
@@ -75,6 +75,7 @@ def load_tfds(spec: str, split: str = "test", *, data_dir: str | None = None,
     split: a TFDS split ("train", "test", "train[:1000]", ...).
     data_dir: TFDS data directory; None for `default_data_dir()`.
     size: read only the first `size` examples.
+    stats: (mean, std) to attach; None: the published ones, else the train split's.
 
   Returns:
     images [N, H, W, C] uint8, labels [N] int32 (-1 where the set has no label feature).
@@ -118,7 +119,7 @@ def load_tfds(spec: str, split: str = "test", *, data_dir: str | None = None,
     if has_labels:
       labels[start:start + len(rows)] = [r[label_key] for r in rows]
   class_names = tuple(features[label_key].names) if has_labels else ()
-  mean, std = _stats(name, data_dir, images, split)
+  mean, std = _stats(name, data_dir, images, split) if stats is None else stats
   return ImageDataset(images, labels, mean, std, class_names, f"tfds/{spec}")
 
 
