@@ -10,8 +10,11 @@ autoencoder's reconstruction loss) supplies only what differs between methods, a
 and `run_job` does the rest the same way for all of them: it resumes from the newest readable
 checkpoint in `workdir/checkpoints` (the data order of `epoch_batches` depends only on (seed,
 epoch) and the step key only on (seed, step), so a resumed run ends with the parameters an
-uninterrupted one would), writes `metrics.jsonl`, shows a progress bar, and saves every
-`config.checkpoint.every_steps` steps and at the end. Everything a method keeps between steps
+uninterrupted one would), makes the next batches in a thread while the device steps
+(`device_input.prefetch`), writes `metrics.jsonl`, shows a progress bar, and saves every
+`config.checkpoint.every_steps` steps and at the end. In a multi-process run
+(`oodjax.train.distributed`) every process runs this same loop on its rows of each batch; only
+process 0 writes metrics and shows progress. Everything a method keeps between steps
 (VMDLS's running class means) lives in its train state, so it is checkpointed with it.
 """
 from __future__ import annotations
