@@ -220,9 +220,94 @@ def _input_pipeline(r: dict) -> str:
   return "\n".join(lines)
 
 
+ACCELERATOR_COMMAND = "python3 -m benchmarks.accelerator"
+
+
+def _accelerator_missing() -> str:
+  return (
+      "**Not measured yet: no accelerator (GPU or TPU) was available to the sessions that wrote this benchmark.** "
+      "These numbers must come from one, never from a CPU. On a machine with one, from the "
+      f"repository root: `{ACCELERATOR_COMMAND}` (or split into calls as its docstring shows), "
+      "then `python -m benchmarks.make_readme`.")
+
+
+def _accelerator(r: dict) -> str:
+  d = r["device"]
+  if d is None:  # every measurement of the run failed before reaching a device
+    return _accelerator_missing() + " (A results file exists but records no device.)"
+  gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+  versions = ", ".join(f"{k} {v}" for k, v in d["versions"].items()
+                       if k in ("jax", "jaxlib", "flax", "optax") or k.startswith("jax-cuda"))
+  smi = f"; nvidia-smi: {d['nvidia_smi']}" if d.get("nvidia_smi") else ""
+  runs = "; ".join(f"`{' '.join(run['argv']) or '(defaults)'}` on {run['started']}"
+                   for run in r["runs"])
+  lines = [
+      f"{d['device_kind']} x {d['device_count']} ({d['platform']}, {d['platform_version']}"
+      f"{smi}), memory limit {gib(d['bytes_limit'])} GiB; {versions}; host CPU "
+      f"{r['host']['cpu']} ({r['host']['cpu_threads']} threads). Runs: {runs}."]
+  if r["train"]:
+    f32 = {}  # the float32 row timed just before, per network (the dtypes run back to back)
+    lines += [
+        "", "Training at 32x32x3, K = 10, synthetic data (50,000 uint8 images), SGD + Nesterov; "
+        "images/s over the timed steps, fed by the trainer's input path and from batches "
+        "already on the device; peak memory from the device allocator, scratch from XLA's "
+        "analysis of the compiled step.", "",
+        "| network | compute | params | batch x steps | images/s | images/s, batches on the "
+        "device | vs float32 | compile (s) | peak memory (GiB) | XLA scratch (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in r["train"]:
+      if "error" in row:
+        lines.append(f"| {row['model']} | {row['dtype']} | | {row['batch_size']} x "
+                     f"{row['steps']} | failed: {row['error'][:120]} | | | | | |")
+        continue
+      if row["dtype"] == "float32":
+        f32[row["model"]] = row
+      base = f32.get(row["model"])
+      versus = ("(the reference)" if row["dtype"] == "float32" else
+                "-" if base is None else f"{row['images_per_s'] / base['images_per_s']:.2f}x")
+      lines.append(
+          f"| {row['model']} | {row['dtype']} | {row['params'] / 1e6:.2f} M | "
+          f"{row['batch_size']} x {row['steps']} | **{row['images_per_s']:.0f}** | "
+          f"{row['images_per_s_resident']:.0f} | {versus} | {row['compile_s']:.1f} | "
+          f"{gib(row['memory']['peak_bytes_in_use'])} | {gib(row['xla_memory']['temp_bytes'])} |")
+  floor = r.get("odin_floor")
+  if r["odin"] or floor:
+    done = [row for row in r["odin"] + [floor] if row and "grid" in row]
+    grid = f"{done[0]['grid'][0]} x {done[0]['grid'][1]}" if done else "10 x 21"
+    images = (r["odin"] or [floor])[0]["images"]
+    lines += ["", f"ODIN's {grid} grid on `densenet_bc100` "
+              f"(random weights), {images} synthetic 32x32x3 images, `odin_grid`; "
+              "\"first call\" is one chunk, compilation included.", "",
+              "| chunk | forward_batch | first call (s) | seconds | image-configs/s | vs floor "
+              "| peak memory (GiB) |", "|---|---|---|---|---|---|---|"]
+    for row in r["odin"]:
+      if "error" in row:
+        lines.append(f"| {row['chunk_size']} | {row['forward_batch']} | failed: "
+                     f"{row['error'][:120]} | | | | |")
+        continue
+      versus = ("-" if not floor or "error" in floor else
+                f"**{row['seconds'] / floor['floor_s']:.2f}x**")
+      lines.append(
+          f"| {row['chunk_size']} | {row['forward_batch']} ({row['forward_batch_used']}) | "
+          f"{row['first_call_s']:.1f} | {row['seconds']:.2f} | "
+          f"{row['image_configs_per_s']:.0f} | {versus} | "
+          f"{gib(row['memory']['peak_bytes_in_use'])} |")
+    if floor and "error" not in floor:
+      lines += ["", f"Floor T·(fwd+bwd) + T·E·fwd = {floor['floor_s']:.2f} s, from one forward "
+                f"({floor['forward_s']:.3f} s) and one forward + backward "
+                f"({floor['forward_backward_s']:.3f} s) over all {floor['images']} images in "
+                f"jitted calls of {floor['chunk_size']} (medians of {floor['calls']})."]
+    elif floor:
+      lines += ["", f"The floor failed: {floor['error'][:200]}"]
+  return "\n".join(lines)
+
+
 RENDER = {"odin_grid": _odin, "whitebox": _whitebox, "metrics_grid": _metrics_grid,
           "vmdls": _vmdls, "envise_xnor": _envise_xnor, "fsdp_memory": _fsdp_memory,
-          "input_pipeline": _input_pipeline}
+          "input_pipeline": _input_pipeline, "accelerator": _accelerator}
+# What a section says while its results file does not exist yet (sections not named here keep
+# whatever the README holds).
+MISSING = {"accelerator": _accelerator_missing}
 
 
 def main() -> None:
@@ -232,8 +317,12 @@ def main() -> None:
     path = HERE / "results" / f"{name}.json"
     if path.is_file():
       body = render(json.loads(path.read_text()))
-      text = re.sub(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)",
-                    lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.DOTALL)
+    elif name in MISSING:
+      body = MISSING[name]()
+    else:
+      continue
+    text = re.sub(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)",
+                  lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.DOTALL)
   readme.write_text(text)
   print(f"rewrote {readme}")
 

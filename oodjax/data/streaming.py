@@ -76,10 +76,15 @@ from typing import Any, Mapping
 import numpy as np
 from absl import flags
 
-try:
-  import grain
-except ImportError as e:  # pragma: no cover - grain is a declared dependency
-  raise ImportError("oodjax.data.streaming needs grain: pip install 'grain>=0.2.18,<0.3'") from e
+
+def _grain():
+  """grain, imported at the first stream rather than with oodjax.train (it takes ~1 s)."""
+  try:
+    import grain
+  except ImportError as e:  # pragma: no cover - grain is a declared dependency
+    raise ImportError("oodjax.data.streaming needs grain: pip install 'grain>=0.2.18,<0.3'"
+                      ) from e
+  return grain
 
 # What `get_state` saves besides the step: a restore with other values would read other
 # batches, so it is refused.
@@ -222,6 +227,7 @@ class BatchStream:
 
   def _dataset(self, start: int):
     """grain's pipeline for global steps [start, stop): one element per batch, in order."""
+    grain = _grain()
     ds = grain.MapDataset.range(start, self.stop).map(self._read)
     if self.worker_count == 0:  # `prefetch` threads each read one batch ahead
       return ds.to_iter_dataset(grain.ReadOptions(num_threads=self.prefetch,
