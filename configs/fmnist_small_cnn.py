@@ -7,10 +7,10 @@ Command (from the repository root, after `bash scripts/setup.sh`):
 or simply `bash scripts/main.sh`. Running the same command again resumes from the latest
 checkpoint (or, when training has finished, only re-scores).
 
-Hardware and runtime: 2 CPU cores, 8.8 minutes from a fresh clone, setup included, on a
-2-core AMD EPYC in the last run (classifier 2.0 min; VMDLS encoder 1.3 min; evaluation 3.4 min,
-including VMDLS's fits and autoencoder; ENVISE 1.3 min); earlier runs on the same machine class
-took up to a third longer, and 12.8 minutes while sharing the cores with a CI run. The script
+Hardware and runtime: 2 CPU cores, 9.8 minutes from a fresh clone, setup included, on a
+2-core AMD EPYC in the last run (classifier 2.1 min; VMDLS encoder 1.4 min; evaluation 4.0 min,
+including VMDLS's fits and autoencoder; ENVISE 1.5 min); earlier runs on the same machine class
+took 8.8 to 12.8 minutes, the longest while sharing the cores with a CI run. The script
 prints its time per stage.
 `configs/fmnist_small_cnn.py:smoke` trains on 2,048 images for one epoch (about 20 s) and is
 what the tests use.
