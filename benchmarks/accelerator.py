@@ -98,6 +98,8 @@ import tempfile
 import time
 import types
 
+from benchmarks.machine import cpu_name
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_JSON = HERE / "results" / "accelerator.json"
@@ -130,18 +132,6 @@ def _leaf_import(name: str) -> types.ModuleType:
       module.__path__ = [str(ROOT.joinpath(*parts[:i]))]
       sys.modules[package] = module
   return importlib.import_module(name)
-
-
-def _cpu_name() -> str:
-  """The host CPU's model name (as benchmarks/whitebox.py's `cpu_name`, which imports JAX)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str]:
@@ -501,7 +491,7 @@ def main(argv=None) -> None:
   started = time.perf_counter()
   result = {
       "device": None,
-      "host": {"cpu": _cpu_name(), "cpu_threads": os.cpu_count(),
+      "host": {"cpu": cpu_name(), "cpu_threads": os.cpu_count(),
                "platform": platform.platform(), "python": platform.python_version()},
       "train": [], "odin": [], "odin_floor": None,
       "runs": [{"argv": sys.argv[1:] if argv is None else list(argv), "args": vars(args),

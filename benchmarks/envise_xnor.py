@@ -49,7 +49,7 @@ from flax import traverse_util
 from jax import lax
 
 from benchmarks.vmdls import _median_interleaved
-from benchmarks.whitebox import cpu_name
+from benchmarks.machine import cpu_name
 from oodjax.envise import packed, students
 from oodjax.envise.binary import BinaryConv, BinaryDense, same_pads, xnor_weights
 

@@ -45,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.whitebox import cpu_name
+from benchmarks.machine import cpu_name
 from oodjax import data
 from oodjax.config import load_config
 from oodjax.data.device_input import prefetch, prepare_batch

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.whitebox import cpu_name
+from benchmarks.machine import cpu_name
 from oodjax.detectors.registry import VMDLS_AUTOENCODER
 from oodjax.models import get_model
 from oodjax.train.schedules import make_optimizer

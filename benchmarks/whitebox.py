@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.machine import cpu_name
 from oodjax.detectors.sample_free import whitebox
 from oodjax.models import get_model
 
@@ -61,18 +62,6 @@ def _chunked(fn, chunk: int):
   """fn over the batch in `chunk`-sized steps, as `indicators` runs its pass."""
   return lambda variables, x: whitebox._in_chunks(  # pylint: disable=protected-access
       lambda c: fn(variables, c), x, chunk)
-
-
-def cpu_name() -> str:
-  """The CPU's model name (ratios move between machines; the README says which one ran)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def bench_one(name: str, shape, n: int, goal: float, batch_size: int, repeats: int) -> dict:
